@@ -1,0 +1,46 @@
+# Developer entry points. Every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_FLAGS ?= -q --disable-pip-version-check
+PYTEST_ARGS ?=
+SOURCES = $(wildcard libs/*/src services/*/src cli/src)
+
+.PHONY: install test lint format typecheck schemas check demo up down bench clean
+
+$(STAMP): constraints.txt requirements-dev.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml cli/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -c constraints.txt pip wheel hatchling editables
+	$(BIN)/pip install $(PIP_FLAGS) -c constraints.txt --no-build-isolation -r requirements-dev.txt
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	./scripts/ensure-servers
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy $(SOURCES)
+
+schemas: install
+	$(BIN)/python -m flywheel_contracts.schemas --write
+
+check: lint typecheck test
+
+demo:
+	@echo "make demo runs the whole loop once rollout lands (issue #6); it is not wired yet." >&2
+	@exit 1
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

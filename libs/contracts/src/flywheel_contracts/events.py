@@ -1,0 +1,334 @@
+"""The events of the Flywheel loop, version 1.
+
+labels.saved → threshold.reached → model.trained (| training.failed) → model.validated →
+rollout.step* → canary.verdict, and inference.logged from serving back to the monitors.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from flywheel_contracts.envelope import Event, Payload
+from flywheel_contracts.topology import EVENTS_EXCHANGE, INFERENCE_EXCHANGE
+
+Identifier = str
+"""Human-readable slug ids (project, model line): lowercase letters, digits and dashes."""
+
+SLUG = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+# --- labels.saved -------------------------------------------------------------------------------
+
+
+class LabelsSavedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    """Project the labels belong to."""
+    batch_id: uuid.UUID
+    """The accepted request (or webhook) that changed the labels."""
+    snapshot_id: str
+    """Content-addressed dataset snapshot holding every live label after this batch."""
+    parent_snapshot_id: str | None = None
+    """Snapshot this one extends; None for a project's first."""
+    label_ids: list[uuid.UUID]
+    """Labels created or updated by the batch."""
+    deleted_label_ids: list[uuid.UUID] = Field(default_factory=list)
+    """Labels removed by the batch (they stay in older snapshots)."""
+    prefilled_count: int = Field(default=0, ge=0)
+    """Labels in the batch that answered a model pre-fill (carried a prediction_id)."""
+    corrected_count: int = Field(default=0, ge=0)
+    """Of those, how many changed the model's class: the labelers' correction signal."""
+    source: Literal["human", "pseudo", "mixed"] = "human"
+    """Who produced the labels."""
+
+
+class LabelsSavedV1(Event[LabelsSavedPayload]):
+    TYPE: ClassVar[str] = "labels.saved"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "batch_id": "00000000-0000-4000-8000-00000000b001",
+        "snapshot_id": "snap-3f1c9a",
+        "parent_snapshot_id": "snap-0a77e2",
+        "label_ids": ["00000000-0000-4000-8000-00000000a001"],
+        "prefilled_count": 1,
+        "corrected_count": 1,
+    }
+
+
+# --- threshold.reached --------------------------------------------------------------------------
+
+
+class ThresholdReason(StrEnum):
+    COUNT = "count"
+    ADAPTIVE = "adaptive"
+    MAX_WAIT = "max_wait"
+    MANUAL = "manual"
+    DRIFT = "drift"
+
+
+class ThresholdReachedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    """Registered model the retrain produces a new version of."""
+    snapshot_id: str
+    """Snapshot to train on."""
+    reason: ThresholdReason
+    decision_id: uuid.UUID
+    """Stored decision (with its inputs) that fired."""
+    labels_since_last: int = Field(ge=0)
+    threshold: int = Field(ge=0)
+    """Count the policy required when it fired."""
+
+
+class ThresholdReachedV1(Event[ThresholdReachedPayload]):
+    TYPE: ClassVar[str] = "threshold.reached"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "snapshot_id": "snap-3f1c9a",
+        "reason": "count",
+        "decision_id": "00000000-0000-4000-8000-00000000d001",
+        "labels_since_last": 1000,
+        "threshold": 1000,
+    }
+
+
+# --- model.trained / training.failed ------------------------------------------------------------
+
+
+class ModelTrainedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    snapshot_id: str
+    training_run_id: uuid.UUID
+    """trainer-dispatch's id of the run."""
+    mlflow_run_id: str
+    registered_model: str
+    model_version: str
+    """Version in the MLflow registry."""
+    base_model_version: str | None = None
+    """Version fine-tuned from; None when trained from scratch."""
+    backend: str
+    """Where it ran: local, kubernetes-job, pytorchjob."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Training-side metrics (final loss, validation accuracy …)."""
+
+
+class ModelTrainedV1(Event[ModelTrainedPayload]):
+    TYPE: ClassVar[str] = "model.trained"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "snapshot_id": "snap-3f1c9a",
+        "training_run_id": "00000000-0000-4000-8000-00000000e001",
+        "mlflow_run_id": "5d1c0f2e9b7a4c1d8e3f",
+        "registered_model": "digits-classifier",
+        "model_version": "4",
+        "base_model_version": "3",
+        "backend": "local",
+        "metrics": {"val_accuracy": 0.982, "train_loss": 0.061},
+    }
+
+
+class TrainingFailedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    snapshot_id: str
+    training_run_id: uuid.UUID
+    mlflow_run_id: str | None = None
+    backend: str
+    reason: str
+    """Short, operator-facing cause."""
+    retryable: bool = False
+    """Whether a retry of the same run may succeed (preemption, node loss)."""
+
+
+class TrainingFailedV1(Event[TrainingFailedPayload]):
+    TYPE: ClassVar[str] = "training.failed"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "snapshot_id": "snap-3f1c9a",
+        "training_run_id": "00000000-0000-4000-8000-00000000e001",
+        "backend": "local",
+        "reason": "worker 1 exited with code 137 (out of memory)",
+        "retryable": True,
+    }
+
+
+# --- model.validated ----------------------------------------------------------------------------
+
+
+class ValidationVerdict(StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+class ModelValidatedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    registered_model: str
+    model_version: str
+    """The candidate."""
+    champion_version: str | None = None
+    """Version it was compared against; None when there was no champion yet."""
+    snapshot_id: str
+    """Snapshot whose held-out split was used."""
+    verdict: ValidationVerdict
+    candidate_metrics: dict[str, float] = Field(default_factory=dict)
+    champion_metrics: dict[str, float] = Field(default_factory=dict)
+    reasons: list[str] = Field(default_factory=list)
+    """One line per gate: what passed or failed and by how much."""
+
+
+class ModelValidatedV1(Event[ModelValidatedPayload]):
+    TYPE: ClassVar[str] = "model.validated"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "registered_model": "digits-classifier",
+        "model_version": "4",
+        "champion_version": "3",
+        "snapshot_id": "snap-3f1c9a",
+        "verdict": "passed",
+        "candidate_metrics": {"accuracy": 0.982},
+        "champion_metrics": {"accuracy": 0.975},
+        "reasons": ["accuracy 0.982 >= champion 0.975 + 0.002"],
+    }
+
+
+# --- rollout.step / canary.verdict --------------------------------------------------------------
+
+
+class RolloutStepPayload(Payload):
+    rollout_id: uuid.UUID
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    registered_model: str
+    candidate_version: str
+    champion_version: str | None = None
+    step: int = Field(ge=0)
+    """Index of the step just entered."""
+    traffic_percent: int = Field(ge=0, le=100)
+    """Share of traffic the candidate receives from now on."""
+    previous_percent: int = Field(ge=0, le=100)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Analysis of the interval that justified the step."""
+
+
+class RolloutStepV1(Event[RolloutStepPayload]):
+    TYPE: ClassVar[str] = "rollout.step"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "rollout_id": "00000000-0000-4000-8000-00000000f001",
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "registered_model": "digits-classifier",
+        "candidate_version": "4",
+        "champion_version": "3",
+        "step": 1,
+        "traffic_percent": 50,
+        "previous_percent": 10,
+        "metrics": {"candidate_p95_ms": 12.5, "champion_p95_ms": 12.1},
+    }
+
+
+class CanaryOutcome(StrEnum):
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
+
+class CanaryVerdictPayload(Payload):
+    rollout_id: uuid.UUID
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    registered_model: str
+    candidate_version: str
+    champion_version: str | None = None
+    verdict: CanaryOutcome
+    reasons: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class CanaryVerdictV1(Event[CanaryVerdictPayload]):
+    TYPE: ClassVar[str] = "canary.verdict"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "rollout_id": "00000000-0000-4000-8000-00000000f001",
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "registered_model": "digits-classifier",
+        "candidate_version": "4",
+        "champion_version": "3",
+        "verdict": "rolled_back",
+        "reasons": ["candidate error rate 4.1% > champion 0.3% + 1%"],
+        "metrics": {"candidate_error_rate": 0.041, "champion_error_rate": 0.003},
+    }
+
+
+# --- inference.logged ---------------------------------------------------------------------------
+
+
+class InferenceLoggedPayload(Payload):
+    request_id: uuid.UUID
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    registered_model: str
+    model_version: str
+    input_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Hash of the image bytes; the image itself is referenced, never copied into the log."""
+    predicted_class: str | None = None
+    confidence: float | None = Field(default=None, ge=0, le=1)
+    latency_ms: float = Field(ge=0)
+    status: Literal["ok", "error"]
+    error_code: str | None = None
+    route: Literal["online", "batch"] = "online"
+    served_at: datetime
+
+
+class InferenceLoggedV1(Event[InferenceLoggedPayload]):
+    TYPE: ClassVar[str] = "inference.logged"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = INFERENCE_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "request_id": "00000000-0000-4000-8000-000000001001",
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "registered_model": "digits-classifier",
+        "model_version": "4",
+        "input_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "predicted_class": "7",
+        "confidence": 0.97,
+        "latency_ms": 8.4,
+        "status": "ok",
+        "served_at": "2026-01-01T12:00:00Z",
+    }
+
+
+ALL_EVENTS: tuple[type[Event[Any]], ...] = (
+    LabelsSavedV1,
+    ThresholdReachedV1,
+    ModelTrainedV1,
+    TrainingFailedV1,
+    ModelValidatedV1,
+    RolloutStepV1,
+    CanaryVerdictV1,
+    InferenceLoggedV1,
+)
+"""Every event class, in loop order; the schema registry and tests iterate over it."""

@@ -1,0 +1,29 @@
+"""Names of the RabbitMQ topology, shared by publishers, consumers and operators.
+
+One durable topic exchange carries the control loop; inference logs have their own exchange so
+their volume can never starve it. Every subscription is one quorum queue ``<service>.<event>``
+that dead-letters through ``flywheel.dlx`` into ``<queue>.dlq``.
+"""
+
+from __future__ import annotations
+
+EVENTS_EXCHANGE = "flywheel.events"
+"""Topic exchange of the control loop (labels.saved … canary.verdict)."""
+
+INFERENCE_EXCHANGE = "flywheel.inference"
+"""Topic exchange of high-volume inference logs."""
+
+DEAD_LETTER_EXCHANGE = "flywheel.dlx"
+"""Direct exchange into which queues dead-letter; routing key is ``<queue>.dlq``."""
+
+DLQ_SUFFIX = ".dlq"
+
+
+def queue_name(service: str, routing_key: str) -> str:
+    """Queue of one service's subscription to one event: ``<service>.<routing key>``."""
+    return f"{service}.{routing_key}"
+
+
+def dead_letter_queue_name(queue: str) -> str:
+    """Dead-letter queue of ``queue``; also the routing key on the dead-letter exchange."""
+    return f"{queue}{DLQ_SUFFIX}"

@@ -1,0 +1,1 @@
+"""Shared runtime for Flywheel services: everything a service needs that is not its domain."""

@@ -1,0 +1,141 @@
+"""Broker factory and the one middleware that turns errors into acknowledgements.
+
+Handlers never catch to decide delivery: a retryable error is nacked with requeue (the quorum
+queue's delivery limit bounds the retries), anything else — a payload that fails validation
+included — is rejected at once into the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+from faststream import BaseMiddleware
+from faststream.exceptions import HandlerException, NackMessage, RejectMessage
+from faststream.message import StreamMessage
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
+from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+from opentelemetry.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from flywheel_contracts import Event
+from flywheel_runtime.errors import FlywheelError
+from flywheel_runtime.topology import Topology
+
+log = structlog.get_logger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    OperationalError,
+    InterfaceError,
+)
+"""Errors of the infrastructure that a later delivery may not meet again."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether handling the same message again may succeed."""
+    if isinstance(error, FlywheelError):
+        return error.retryable
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, TRANSIENT_ERRORS)
+
+
+class ErrorToAckMiddleware(BaseMiddleware):
+    """Maps a handler's exception to nack-requeue (retryable) or reject (to the DLQ)."""
+
+    async def consume_scope(
+        self,
+        call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
+        msg: StreamMessage[Any],
+    ) -> Any:
+        try:
+            return await call_next(msg)
+        except HandlerException:
+            raise
+        except Exception as error:
+            retry = is_retryable(error)
+            log.error(
+                "message handling failed",
+                message_id=msg.message_id,
+                correlation_id=msg.correlation_id,
+                routing_key=msg.raw_message.routing_key,
+                delivery=_delivery_count(msg),
+                action="requeue" if retry else "dead-letter",
+                exc_info=error,
+            )
+            if retry:
+                raise NackMessage(requeue=True) from error
+            raise RejectMessage(requeue=False) from error
+
+
+class LogContextMiddleware(BaseMiddleware):
+    """Binds the message's event_id and correlation_id to every log line of its handling."""
+
+    async def consume_scope(
+        self,
+        call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
+        msg: StreamMessage[Any],
+    ) -> Any:
+        with structlog.contextvars.bound_contextvars(
+            event_id=msg.message_id, correlation_id=msg.correlation_id
+        ):
+            return await call_next(msg)
+
+
+def _delivery_count(msg: StreamMessage[Any]) -> int:
+    headers = msg.raw_message.headers or {}
+    count = headers.get("x-delivery-count", 0)
+    return int(count) + 1 if isinstance(count, int) else 1
+
+
+def create_broker(
+    url: str,
+    *,
+    app_id: str,
+    tracer_provider: TracerProvider | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+    extra_middlewares: Sequence[Any] = (),
+    fail_fast: bool = True,
+) -> RabbitBroker:
+    """A RabbitMQ broker with publisher confirms, tracing, metrics and the error mapping.
+
+    Middleware order matters: telemetry is outermost so a dead-lettered message still gets its
+    span; the error mapping is innermost so it sees the handler's own exception.
+    """
+    middlewares: list[Any] = [RabbitTelemetryMiddleware(tracer_provider=tracer_provider)]
+    if metrics_registry is not None:
+        middlewares.append(RabbitPrometheusMiddleware(registry=metrics_registry, app_name=app_id))
+    middlewares += [LogContextMiddleware, *extra_middlewares, ErrorToAckMiddleware]
+    return RabbitBroker(
+        url,
+        app_id=app_id,
+        middlewares=middlewares,
+        fail_fast=fail_fast,
+        graceful_timeout=15.0,
+    )
+
+
+async def start_broker(broker: RabbitBroker, topology: Topology) -> None:
+    """Connect, declare the dead-letter side, then start consuming."""
+    await broker.connect()
+    await topology.declare(broker)
+    await broker.start()
+
+
+async def publish_event(broker: RabbitBroker, topology: Topology, event: Event[Any]) -> None:
+    """Publish one event persistently and wait for the broker's confirm."""
+    await broker.publish(
+        event.model_dump(mode="json"),
+        exchange=topology.exchange_for(type(event)),
+        routing_key=event.routing_key(),
+        message_id=str(event.event_id),
+        correlation_id=str(event.correlation_id),
+        message_type=event.type,
+        persist=True,
+        mandatory=False,
+    )

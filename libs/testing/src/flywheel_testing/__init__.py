@@ -1,0 +1,1 @@
+"""Pytest plugin and helpers that start the real servers Flywheel talks to."""

@@ -1,0 +1,1 @@
+"""Vision model, preprocessing, training loop and export; arrives with training."""
