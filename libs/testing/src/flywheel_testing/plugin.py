@@ -12,8 +12,21 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from flywheel_runtime.topology import Topology
+from flywheel_testing.fixtures_s3 import new_bucket_name, s3_server, storage, unique_bucket
 from flywheel_testing.postgres import postgres_server, sqlalchemy_url, throwaway_database
 from flywheel_testing.rabbit import delete_names, rabbit_server, unique_namespace
+
+__all__ = [
+    "database_url",
+    "new_bucket_name",
+    "postgres_admin_url",
+    "postgres_dsn",
+    "rabbit_url",
+    "s3_server",
+    "storage",
+    "topology",
+    "unique_bucket",
+]
 
 
 @pytest.fixture(scope="session")
