@@ -1,7 +1,8 @@
 """The events of the Flywheel loop, version 1.
 
-labels.saved → threshold.reached → model.trained (| training.failed) → model.validated →
-rollout.step* → canary.verdict, and inference.logged from serving back to the monitors.
+project.configured, labels.saved (| data.quality_failed) → threshold.reached →
+model.trained (| training.failed) → model.validated → rollout.step* → canary.verdict,
+and inference.logged from serving back to the monitors.
 """
 
 from __future__ import annotations
@@ -61,6 +62,107 @@ class LabelsSavedV1(Event[LabelsSavedPayload]):
     }
 
 
+# --- project.configured -------------------------------------------------------------------------
+
+
+class TaskType(StrEnum):
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+
+
+class AdaptivePolicy(Payload):
+    """Retrain sooner when labelers correct the champion's pre-fills more often."""
+
+    enabled: bool = False
+    baseline_correction_rate: float = Field(default=0.05, ge=0, le=1)
+    """Correction rate at which the fixed count applies unchanged."""
+    sensitivity: float = Field(default=2.0, ge=0)
+    """How fast the count falls as the correction rate rises above the baseline."""
+    min_count: int = Field(default=50, ge=1)
+    """The count never falls below this."""
+    min_prefilled: int = Field(default=20, ge=1)
+    """Pre-filled labels needed before the correction rate is trusted."""
+
+
+class QualityPolicy(Payload):
+    """When a batch of labels is quarantined instead of counted."""
+
+    max_duplicate_rate: float = Field(default=0.5, ge=0, le=1)
+    """Share of a batch's images already labeled in the project (or twice in the batch)."""
+    max_class_shift: float = Field(default=0.5, ge=0, le=2)
+    """Total variation distance between the batch's and the last trained class mix."""
+    min_batch_for_shift: int = Field(default=50, ge=1)
+    """Smaller batches are too noisy to judge their class mix."""
+    labeler_min_labels: int = Field(default=20, ge=1)
+    """Labels one labeler must give in a batch before their mix is judged."""
+    labeler_max_class_share: float = Field(default=0.9, gt=0, le=1)
+    """A labeler giving one class to more than this share of their labels is anomalous ..."""
+    labeler_max_expected_share: float = Field(default=0.5, gt=0, le=1)
+    """... unless that class is this common in the project anyway."""
+
+
+class RetrainPolicy(Payload):
+    count: int = Field(default=1000, ge=1)
+    """New labels since the last retrain's snapshot that trigger the next one."""
+    cooldown_s: int = Field(default=0, ge=0)
+    """Minimum seconds between two retrains of a project."""
+    max_wait_s: int | None = Field(default=None, ge=1)
+    """Retrain on fewer labels once the oldest untrained one is this old."""
+    adaptive: AdaptivePolicy = Field(default_factory=AdaptivePolicy)
+    quality: QualityPolicy = Field(default_factory=QualityPolicy)
+
+
+class ProjectConfiguredPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    task_type: TaskType
+    class_names: list[str]
+    policy: RetrainPolicy
+    revision: int = Field(ge=1)
+    """Increases with each change, so consumers ignore an older configuration."""
+
+
+class ProjectConfiguredV1(Event[ProjectConfiguredPayload]):
+    TYPE: ClassVar[str] = "project.configured"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "task_type": "classification",
+        "class_names": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+        "policy": {"count": 1000, "cooldown_s": 600, "max_wait_s": 86400},
+        "revision": 1,
+    }
+
+
+# --- data.quality_failed ------------------------------------------------------------------------
+
+
+class DataQualityFailedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    batch_id: uuid.UUID
+    snapshot_id: str
+    report_id: uuid.UUID
+    """Stored quality report with every check's figures."""
+    reasons: list[str]
+    quarantined_label_ids: list[uuid.UUID]
+
+
+class DataQualityFailedV1(Event[DataQualityFailedPayload]):
+    TYPE: ClassVar[str] = "data.quality_failed"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "batch_id": "00000000-0000-4000-8000-00000000b001",
+        "snapshot_id": "snap-3f1c9a",
+        "report_id": "00000000-0000-4000-8000-00000000c001",
+        "reasons": ["labeler 'mallory' gave class '7' to 98% of 60 labels (project share 10%)"],
+        "quarantined_label_ids": ["00000000-0000-4000-8000-00000000a001"],
+    }
+
+
 # --- threshold.reached --------------------------------------------------------------------------
 
 
@@ -84,6 +186,8 @@ class ThresholdReachedPayload(Payload):
     labels_since_last: int = Field(ge=0)
     threshold: int = Field(ge=0)
     """Count the policy required when it fired."""
+    excluded_label_ids: list[uuid.UUID] = Field(default_factory=list)
+    """Labels of quarantined batches in the snapshot: training must leave them out."""
 
 
 class ThresholdReachedV1(Event[ThresholdReachedPayload]):
@@ -322,7 +426,9 @@ class InferenceLoggedV1(Event[InferenceLoggedPayload]):
 
 
 ALL_EVENTS: tuple[type[Event[Any]], ...] = (
+    ProjectConfiguredV1,
     LabelsSavedV1,
+    DataQualityFailedV1,
     ThresholdReachedV1,
     ModelTrainedV1,
     TrainingFailedV1,
