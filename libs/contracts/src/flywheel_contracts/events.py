@@ -35,6 +35,8 @@ class LabelsSavedPayload(Payload):
     """Content-addressed dataset snapshot holding every live label after this batch."""
     parent_snapshot_id: str | None = None
     """Snapshot this one extends; None for a project's first."""
+    snapshot_sequence: int | None = Field(default=None, ge=1)
+    """Position of the snapshot in its project's chain (1 for the first): the newest wins."""
     label_ids: list[uuid.UUID]
     """Labels created or updated by the batch."""
     deleted_label_ids: list[uuid.UUID] = Field(default_factory=list)
@@ -56,6 +58,7 @@ class LabelsSavedV1(Event[LabelsSavedPayload]):
         "batch_id": "00000000-0000-4000-8000-00000000b001",
         "snapshot_id": "snap-3f1c9a",
         "parent_snapshot_id": "snap-0a77e2",
+        "snapshot_sequence": 2,
         "label_ids": ["00000000-0000-4000-8000-00000000a001"],
         "prefilled_count": 1,
         "corrected_count": 1,

@@ -117,6 +117,8 @@ def create_broker(
         middlewares=middlewares,
         fail_fast=fail_fast,
         graceful_timeout=15.0,
+        # The AsyncAPI document names the broker by role, never by this process's address.
+        specification_url="amqp://rabbitmq:5672/",
     )
 
 
