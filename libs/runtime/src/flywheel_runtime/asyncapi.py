@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
 from faststream.rabbit import RabbitBroker
 from faststream.specification import AsyncAPI
 
@@ -31,9 +32,14 @@ def declare_publishes(
 
 
 def render(broker: RabbitBroker, *, title: str, version: str, description: str) -> str:
-    """The service's AsyncAPI 3.0 document as YAML."""
+    """The service's AsyncAPI 3.0 document as YAML, keys sorted.
+
+    FastStream keeps subscribers and publishers in weak sets that iterate in memory order;
+    sorting makes the document depend on the code alone, so a committed copy can be diffed.
+    """
     spec = AsyncAPI(broker, title=title, version=version, description=description)
-    return spec.to_specification().to_yaml()
+    document = spec.to_specification().to_jsonable()
+    return yaml.safe_dump(document, sort_keys=True, allow_unicode=True, width=100)
 
 
 def drifted(committed: Path, rendered: str) -> bool:

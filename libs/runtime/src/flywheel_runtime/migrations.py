@@ -54,6 +54,12 @@ def run_env(target_metadata: MetaData) -> None:
     version_table: str = config.attributes.get("version_table", "alembic_version")
 
     def run(connection: Connection) -> None:
+        # Replicas starting together would race on CREATE SCHEMA and on the version table;
+        # the lock is held until this transaction commits.
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+            {"key": f"flywheel-migrate:{schema}"},
+        )
         connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         connection.execute(text(f'SET search_path TO "{schema}"'))
         context.configure(

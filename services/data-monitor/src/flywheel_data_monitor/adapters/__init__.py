@@ -1,0 +1,1 @@
+"""Adapters implementing the data monitor's ports: PostgreSQL tables and S3 snapshots."""

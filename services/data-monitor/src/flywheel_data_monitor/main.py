@@ -1,0 +1,62 @@
+"""The data monitor's app factory: runtime, adapters, use cases, handlers, timer and read API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from flywheel_data_monitor.adapters.repository import SqlStore
+from flywheel_data_monitor.adapters.snapshots import S3SnapshotReader
+from flywheel_data_monitor.api import router
+from flywheel_data_monitor.handlers import Ticker, register
+from flywheel_data_monitor.service import DataMonitor
+from flywheel_data_monitor.settings import SERVICE, DataMonitorSettings
+from flywheel_runtime.app import ServiceRuntime, fastapi_app
+from flywheel_runtime.datasets import SnapshotStore
+from flywheel_runtime.storage import ObjectStorage
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+TITLE = "Flywheel data monitor"
+VERSION = "0.1.0"
+DESCRIPTION = (
+    "Counts the labels of each project since its last retrain, checks every batch's quality "
+    "and emits threshold.reached exactly once when the project's policy says it should retrain."
+)
+
+
+def create_app(settings: DataMonitorSettings | None = None) -> FastAPI:
+    """Build the service; nothing connects until the app's lifespan starts."""
+    settings = settings or DataMonitorSettings()
+    runtime = ServiceRuntime.create(
+        SERVICE,
+        settings.platform,
+        schema=settings.db_schema,
+        migrations=MIGRATIONS,
+        outbox=True,
+        namespace=settings.namespace,
+    )
+    if runtime.db is None:  # ServiceRuntime.create always builds it when given a schema
+        raise RuntimeError("data-monitor needs its database")
+    storage = ObjectStorage.from_settings(settings.platform)
+    monitor = DataMonitor(
+        SqlStore(runtime.db, consumer=SERVICE),
+        S3SnapshotReader(SnapshotStore(storage, bucket=settings.data_bucket)),
+        default_policy=settings.default_policy,
+    )
+    register(runtime.broker, runtime.topology, monitor)
+
+    ticker = Ticker(monitor, settings.tick_interval_s)
+    runtime.on_start.append(ticker.start)
+    runtime.on_stop.append(ticker.stop)
+    runtime.checks["s3"] = storage.ping
+
+    async def close_storage() -> None:
+        storage.close()
+
+    runtime.on_stop.append(close_storage)
+
+    app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=[router])
+    app.state.monitor = monitor
+    return app
