@@ -15,7 +15,7 @@ def docker_available(timeout_s: float = 2.0) -> bool:
     without Docker (or with a stopped daemon) must get a fast ``False``, not an error.
     """
     try:
-        import docker  # type: ignore[import-untyped]
+        import docker
 
         client = docker.from_env(timeout=timeout_s)
         try:
