@@ -1,6 +1,5 @@
 import asyncio
 import hashlib
-import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -8,7 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -34,6 +32,7 @@ from flywheel_runtime.messaging import create_broker, publish_event
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.storage import ObjectStorage
 from flywheel_runtime.topology import Topology
+from flywheel_testing.events import EventProbe
 from flywheel_testing.proxy import TcpProxy
 from flywheel_testing.rabbit import delete_names, drain, queue_depth
 from flywheel_testing.s3 import S3Server
@@ -131,53 +130,6 @@ def _entry(class_name: str, labeler: str) -> ManifestEntry:
 
 
 @dataclass
-class Probe:
-    """A queue on the test topology collecting what the monitor emits."""
-
-    rabbit_url: str
-    topology: Topology
-    name: str = field(default_factory=lambda: f"probe-{uuid.uuid4().hex[:8]}")
-    events: list[Event[Any]] = field(default_factory=list)
-    _connection: aio_pika.abc.AbstractRobustConnection | None = None
-    _queue: aio_pika.abc.AbstractQueue | None = None
-
-    async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.rabbit_url)
-        channel = await self._connection.channel()
-        exchange = await channel.declare_exchange(
-            self.topology.events_exchange.name, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        self._queue = await channel.declare_queue(self.topology.namespace + self.name)
-        for event_type in (ThresholdReachedV1, DataQualityFailedV1):
-            await self._queue.bind(exchange, routing_key=event_type.routing_key())
-
-    async def stop(self) -> None:
-        if self._queue is not None:
-            await self._queue.delete(if_unused=False, if_empty=False)
-        if self._connection is not None:
-            await self._connection.close()
-
-    async def collect(self) -> list[Event[Any]]:
-        assert self._queue is not None
-        while (message := await self._queue.get(no_ack=True, fail=False)) is not None:
-            body = json.loads(message.body)
-            kind = ThresholdReachedV1 if body["type"] == ThresholdReachedV1.TYPE else None
-            self.events.append((kind or DataQualityFailedV1).model_validate(body))
-        return self.events
-
-    def of(self, event_type: type[Event[Any]]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, event_type)]
-
-    async def wait(self, event_type: type[Event[Any]], n: int = 1, within: float = 15) -> list[Any]:
-        async def enough() -> bool:
-            await self.collect()
-            return len(self.of(event_type)) >= n
-
-        await wait_for(enough, timeout=within, message=f"{n} {event_type.TYPE}")
-        return self.of(event_type)
-
-
-@dataclass
 class World:
     rabbit_url: str
     topology: Topology
@@ -185,7 +137,7 @@ class World:
     schema: str
     bucket: str
     labeling: Labeling
-    probe: Probe
+    probe: EventProbe
     stack: AsyncExitStack
     apps: list[FastAPI] = field(default_factory=list)
 
@@ -285,7 +237,7 @@ async def world(
     await publisher.connect()
     project = f"p-{uuid.uuid4().hex[:10]}"
     labeling = Labeling(SnapshotStore(storage, bucket=unique_bucket), publisher, topology, project)
-    probe = Probe(rabbit_url, topology)
+    probe = EventProbe(rabbit_url, topology, ThresholdReachedV1, DataQualityFailedV1)
     await probe.start()
     async with AsyncExitStack() as stack:
         built = World(

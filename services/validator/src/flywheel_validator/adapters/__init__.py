@@ -1,0 +1,1 @@
+"""Adapters implementing the validator's ports: PostgreSQL, S3 test splits, onnxruntime."""

@@ -1,0 +1,121 @@
+"""``Evaluator`` on onnxruntime and PyTorch: models judged as serving will run them.
+
+Scoring goes through ``flywheel_vision.evaluate`` (the shared preprocessing, onnxruntime's CPU
+provider, single-image latency). The parity check loads the version's state dict into
+``DigitNet`` and compares its logits with the ONNX graph's on a few test images. Both are
+CPU-bound and run in a worker thread, one model at a time, so latencies are not measured while
+another model competes for the same cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import pickle
+import threading
+import zipfile
+from collections.abc import Sequence
+
+import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from flywheel_clients.registry import ModelFiles
+from flywheel_validator.errors import ModelUnusableError
+from flywheel_validator.gates import ModelScore, ParityCheck
+from flywheel_validator.ports import LabeledImage
+from flywheel_validator.scoring import by_class_name, score
+from flywheel_vision.evaluate import evaluate
+from flywheel_vision.export import check_parity
+from flywheel_vision.model import DigitNet
+from flywheel_vision.preprocess import preprocess_batch
+
+# What onnxruntime and the evaluation raise for a graph that does not load or does not fit:
+# its own exception classes derive from Exception directly.
+_ONNX_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    RuntimeError,
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.InvalidProtobuf,
+    ort_errors.InvalidGraph,
+    ort_errors.NoSuchFile,
+    ort_errors.NotImplemented,
+    ort_errors.RuntimeException,
+)
+# What loading a state dict raises when the bytes are not one, or do not fit DigitNet.
+_WEIGHT_ERRORS: tuple[type[Exception], ...] = (
+    *_ONNX_ERRORS,
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    KeyError,
+    TypeError,
+)
+_MESSAGE_LIMIT = 300
+
+
+class OnnxEvaluator:
+    """Scores ONNX models and checks export parity; safe to share across tasks."""
+
+    def __init__(
+        self, *, latency_images: int = 100, parity_images: int = 16, threads: int = 1
+    ) -> None:
+        self._latency_images = latency_images
+        self._parity_images = parity_images
+        self._threads = threads
+        # One model at a time: latencies measured side by side would measure each other.
+        self._lock = threading.Lock()
+
+    async def score(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ModelScore:
+        return await asyncio.to_thread(self._score, files, images)
+
+    async def parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
+        return await asyncio.to_thread(self._parity, files, images)
+
+    def _score(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ModelScore:
+        try:
+            samples, unknown = by_class_name(images, files.labels)
+        except ValueError as error:
+            raise ModelUnusableError(_short(error)) from error
+        with self._lock:
+            try:
+                evaluation = evaluate(
+                    files.onnx,
+                    samples,
+                    classes=files.labels,
+                    latency_images=self._latency_images,
+                    threads=self._threads,
+                )
+            except _ONNX_ERRORS as error:
+                raise ModelUnusableError(_short(error)) from error
+        return score(evaluation, unknown)
+
+    def _parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
+        if files.state_dict is None:
+            return ParityCheck(error="the version has no state dict")
+        chosen = [image.data for image in images[: self._parity_images]]
+        if not chosen:
+            return ParityCheck(error="no test images")
+        with self._lock:
+            try:
+                state = torch.load(
+                    io.BytesIO(files.state_dict), map_location="cpu", weights_only=True
+                )
+                model = DigitNet(len(files.labels))
+                model.load_state_dict(state, strict=True)
+            except _WEIGHT_ERRORS as error:
+                return ParityCheck(error=f"state dict does not load into DigitNet: {_short(error)}")
+            try:
+                # Measured, not enforced here: the gate compares it with the project's tolerance.
+                difference = check_parity(
+                    model, files.onnx, preprocess_batch(chosen), tolerance=math.inf
+                )
+            except _ONNX_ERRORS as error:
+                return ParityCheck(error=f"ONNX and PyTorch outputs differ: {_short(error)}")
+        return ParityCheck(max_abs_diff=difference, images=len(chosen))
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 1] + "…"

@@ -1,0 +1,138 @@
+"""What the use cases need from the outside world, and the records that cross those ports.
+
+``Registry`` is the MLflow model registry (``flywheel_clients.registry.ModelRegistry`` implements
+it as is). ``SplitReader`` reads a snapshot's held-out TEST images from S3. ``Evaluator`` runs a
+model's files the way serving will. ``Store`` is the service's PostgreSQL schema, with
+``transaction()`` for the unit of work that claims the event, stores the validation and queues
+``model.validated`` in the outbox, all committed together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel_clients.registry import ModelFiles, ModelVersionInfo
+from flywheel_contracts import Event
+from flywheel_contracts.events import ValidationVerdict
+from flywheel_validator.gates import Gates, ModelScore, ParityCheck
+
+
+@dataclass(frozen=True)
+class LabeledImage:
+    """One held-out image: its encoded bytes and the class name a labeler gave it."""
+
+    class_name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HeldOutSplit:
+    """The TEST split of a snapshot, as the models will see it."""
+
+    snapshot_id: str
+    images: list[LabeledImage]
+    undecodable: int = 0
+    """Images of the split that are not decodable and were left out."""
+
+
+class Validation(BaseModel):
+    """One model.trained judged: the verdict, every number behind it and the gates applied."""
+
+    model_config = ConfigDict(frozen=True)
+
+    validation_id: uuid.UUID
+    event_id: uuid.UUID
+    """The model.trained that asked for it (one validation per event)."""
+    correlation_id: uuid.UUID
+    validated_event_id: uuid.UUID
+    """The model.validated that announced it."""
+    project_id: str
+    model_line: str
+    registered_model: str
+    model_version: str
+    champion_version: str | None
+    """The version compared against; None when absolute floors applied."""
+    snapshot_id: str
+    verdict: ValidationVerdict
+    test_images: int
+    candidate_metrics: dict[str, float]
+    champion_metrics: dict[str, float]
+    reasons: list[str]
+    gates: Gates
+    created_at: datetime
+    duration_s: float
+
+
+class Registry(Protocol):
+    """The model registry: versions, aliases, tags and files."""
+
+    async def get_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
+        """None when the alias is not set."""
+        ...
+
+    async def set_alias(self, name: str, alias: str, version: str) -> None: ...
+
+    async def set_tags(self, name: str, version: str, tags: Mapping[str, str]) -> None:
+        """``NotFoundError`` when the version does not exist."""
+        ...
+
+    async def download_model_files(self, name: str, version: str) -> ModelFiles:
+        """``NotFoundError`` for a missing version or file, ``InvalidInputError`` for bad labels;
+        ``DependencyUnavailableError`` while the registry is away."""
+        ...
+
+
+class SplitReader(Protocol):
+    """Held-out data of dataset snapshots."""
+
+    async def test_split(self, project_id: str, snapshot_id: str) -> HeldOutSplit:
+        """``NotFoundError`` when the snapshot or an image is missing; ``DependencyUnavailable``
+        while S3 is away."""
+        ...
+
+
+class Evaluator(Protocol):
+    """Runs a model's files as serving will; CPU-bound work happens off the event loop."""
+
+    async def score(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ModelScore:
+        """``ModelUnusableError`` when the ONNX does not load or run."""
+        ...
+
+    async def parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
+        """Never raises for a bad model: a check that cannot run says why in ``error``."""
+        ...
+
+
+class Transaction(Protocol):
+    """One unit of work on the validator's schema; everything in it commits or nothing does."""
+
+    async def claim(self, event_id: uuid.UUID) -> bool:
+        """True the first time this event is handled (a redelivery gets False)."""
+        ...
+
+    async def add(self, validation: Validation) -> None: ...
+
+    async def emit(self, event: Event[Any]) -> None:
+        """Queue an event for publishing once the transaction commits (outbox)."""
+        ...
+
+
+class Store(Protocol):
+    """The validator's persistent state."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+
+    async def by_event(self, event_id: uuid.UUID) -> Validation | None: ...
+
+    async def get(self, validation_id: uuid.UUID) -> Validation | None: ...
+
+    async def recent(self, model_line: str | None, limit: int) -> Sequence[Validation]:
+        """Newest first."""
+        ...

@@ -1,0 +1,313 @@
+"""The validator's use cases: plain async methods over the ports.
+
+Judging a candidate reads S3 and MLflow and runs both models for seconds, so it all happens
+before any transaction. Outages raise retryable errors and the event is redelivered with nothing
+recorded; a candidate whose files are missing or broken is judged ``failed`` with the reason, so
+a bad model never turns into a crash loop. The registry is told the verdict (tags, and the
+``challenger`` alias on a pass) before the transaction that claims the event, stores the
+validation and queues ``model.validated``: both registry writes are idempotent, so a redelivery
+after a failed commit repeats them harmlessly, and a consumer of ``model.validated`` always finds
+the alias already in place.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+import structlog
+
+from flywheel_clients.registry import CHALLENGER, CHAMPION
+from flywheel_contracts import ModelTrainedV1, ModelValidatedV1
+from flywheel_contracts.events import (
+    ModelTrainedPayload,
+    ModelValidatedPayload,
+    ValidationVerdict,
+)
+from flywheel_runtime.errors import InvalidInputError, NotFoundError
+from flywheel_validator.errors import ModelUnusableError, ValidationNotFoundError
+from flywheel_validator.gates import (
+    Gates,
+    ModelScore,
+    check_gates,
+    gates_for,
+    too_few_images,
+)
+from flywheel_validator.ports import (
+    Evaluator,
+    HeldOutSplit,
+    Registry,
+    SplitReader,
+    Store,
+    Validation,
+)
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+
+TAG_PREFIX: Final = "validation."
+"""Prefix of the version tags that record a verdict."""
+
+TAGGED_METRICS: Final = (
+    "accuracy",
+    "macro_f1",
+    "min_class_recall",
+    "latency_p95_ms",
+    "model_size_bytes",
+    "parity_max_abs_diff",
+)
+"""Headline numbers copied into version tags; the full set is in the event and the API."""
+
+MAX_TAG_VALUE: Final = 5000
+"""MLflow's limit on a tag value; longer reasons are cut."""
+
+# Artifacts that are missing or unreadable: the model's fault, never retried.
+_BAD_ARTIFACTS = (NotFoundError, InvalidInputError)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Assessment:
+    """What the gates concluded about one candidate."""
+
+    verdict: ValidationVerdict
+    reasons: list[str]
+    test_images: int = 0
+    champion_version: str | None = None
+    candidate_metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, reason: str, *, test_images: int = 0) -> Assessment:
+        """A verdict reached before any model was scored."""
+        return cls(ValidationVerdict.FAILED, [reason], test_images=test_images)
+
+
+class Validator:
+    """Judges every trained version against the champion and records the verdict."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        splits: SplitReader,
+        evaluator: Evaluator,
+        *,
+        default_gates: Gates,
+        project_gates: Mapping[str, Gates] | None = None,
+        champion_alias: str = CHAMPION,
+        challenger_alias: str = CHALLENGER,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._splits = splits
+        self._evaluator = evaluator
+        self._default_gates = default_gates
+        self._project_gates = dict(project_gates or {})
+        self._champion_alias = champion_alias
+        self._challenger_alias = challenger_alias
+        self._clock = clock
+
+    def gates_for(self, project_id: str) -> Gates:
+        """The gates in force for a project: the defaults with its override applied."""
+        return gates_for(project_id, self._default_gates, self._project_gates)
+
+    # --- events ---------------------------------------------------------------------------
+
+    async def model_trained(self, event: ModelTrainedV1) -> Validation | None:
+        """Reacts to model.trained: scores candidate and champion on the TEST split, applies
+        the gates, tags the version (and aliases it ``challenger`` on a pass); emits
+        model.validated. Returns None when the event was already handled."""
+        trained = event.payload
+        bound = log.bind(
+            registered_model=trained.registered_model, model_version=trained.model_version
+        )
+        # A cheap early look spares a redelivery the downloads and the scoring; the claim in
+        # the transaction below is what actually guarantees one validation per event.
+        if await self._store.by_event(event.event_id) is not None:
+            bound.info("model.trained already validated")
+            return None
+        started = time.perf_counter()
+        gates = self.gates_for(trained.project_id)
+        assessment = await self._assess(trained, gates)
+        await self._tell_registry(event, assessment)
+        outgoing = event.caused(
+            ModelValidatedV1,
+            ModelValidatedPayload(
+                project_id=trained.project_id,
+                model_line=trained.model_line,
+                registered_model=trained.registered_model,
+                model_version=trained.model_version,
+                champion_version=assessment.champion_version,
+                snapshot_id=trained.snapshot_id,
+                verdict=assessment.verdict,
+                candidate_metrics=assessment.candidate_metrics,
+                champion_metrics=assessment.champion_metrics,
+                reasons=assessment.reasons,
+            ),
+        )
+        validation = Validation(
+            validation_id=uuid.uuid4(),
+            event_id=event.event_id,
+            correlation_id=event.correlation_id,
+            validated_event_id=outgoing.event_id,
+            project_id=trained.project_id,
+            model_line=trained.model_line,
+            registered_model=trained.registered_model,
+            model_version=trained.model_version,
+            champion_version=assessment.champion_version,
+            snapshot_id=trained.snapshot_id,
+            verdict=assessment.verdict,
+            test_images=assessment.test_images,
+            candidate_metrics=assessment.candidate_metrics,
+            champion_metrics=assessment.champion_metrics,
+            reasons=assessment.reasons,
+            gates=gates,
+            created_at=self._clock(),
+            duration_s=time.perf_counter() - started,
+        )
+        async with self._store.transaction() as tx:
+            if not await tx.claim(event.event_id):
+                bound.info("model.trained validated meanwhile by another consumer")
+                return None
+            await tx.add(validation)
+            await tx.emit(outgoing)
+        bound.info(
+            "model validated",
+            verdict=assessment.verdict.value,
+            champion_version=assessment.champion_version,
+            validation_id=str(validation.validation_id),
+            reasons=assessment.reasons,
+        )
+        return validation
+
+    # --- read API -------------------------------------------------------------------------
+
+    async def validation(self, validation_id: uuid.UUID) -> Validation:
+        """One validation; ``ValidationNotFoundError`` when there is none with that id."""
+        found = await self._store.get(validation_id)
+        if found is None:
+            raise ValidationNotFoundError(
+                "validation not found", details={"validation_id": str(validation_id)}
+            )
+        return found
+
+    async def validations(self, model_line: str | None, limit: int) -> Sequence[Validation]:
+        """Validations, newest first, of one model line or of all."""
+        return await self._store.recent(model_line, limit)
+
+    # --- steps ----------------------------------------------------------------------------
+
+    async def _assess(self, trained: ModelTrainedPayload, gates: Gates) -> Assessment:
+        name, version = trained.registered_model, trained.model_version
+        try:
+            candidate_files = await self._registry.download_model_files(name, version)
+        except _BAD_ARTIFACTS as error:
+            return Assessment.failed(
+                f"candidate version {version} artifacts unusable ({error.message}): fail"
+            )
+        champion = await self._registry.get_alias(name, self._champion_alias)
+        try:
+            split = await self._splits.test_split(trained.project_id, trained.snapshot_id)
+        except NotFoundError as error:
+            return Assessment.failed(
+                f"test split of snapshot {trained.snapshot_id} unreadable ({error.message}): fail"
+            )
+        notes = _split_notes(split)
+        if (small := too_few_images(len(split.images), gates)) is not None:
+            return Assessment.failed(small.reason, test_images=len(split.images))
+        try:
+            candidate = await self._evaluator.score(candidate_files, split.images)
+        except ModelUnusableError as error:
+            return Assessment.failed(
+                f"candidate version {version} does not run on onnxruntime ({error.message}): fail",
+                test_images=len(split.images),
+            )
+        parity = await self._evaluator.parity(candidate_files, split.images)
+        notes += _unknown_note("candidate", candidate)
+
+        champion_score: ModelScore | None = None
+        champion_version: str | None = None
+        if champion is not None and champion.version != version:
+            try:
+                champion_files = await self._registry.download_model_files(name, champion.version)
+                champion_score = await self._evaluator.score(champion_files, split.images)
+            except (*_BAD_ARTIFACTS, ModelUnusableError) as error:
+                # A broken champion must not block every successor: judge on the floors and
+                # say so, so an operator sees why no comparison happened.
+                notes.append(
+                    f"champion version {champion.version} unusable ({error.message}); "
+                    "absolute floors apply"
+                )
+            else:
+                champion_version = champion.version
+                notes += _unknown_note("champion", champion_score)
+
+        results = check_gates(gates, candidate, champion_score, parity)
+        verdict = (
+            ValidationVerdict.PASSED
+            if all(result.passed for result in results)
+            else ValidationVerdict.FAILED
+        )
+        candidate_metrics = candidate.metrics()
+        if parity.max_abs_diff is not None:
+            candidate_metrics["parity_max_abs_diff"] = parity.max_abs_diff
+        return Assessment(
+            verdict=verdict,
+            reasons=[result.reason for result in results] + notes,
+            test_images=len(split.images),
+            champion_version=champion_version,
+            candidate_metrics=candidate_metrics,
+            champion_metrics={} if champion_score is None else champion_score.metrics(),
+        )
+
+    async def _tell_registry(self, event: ModelTrainedV1, assessment: Assessment) -> None:
+        """Record the verdict on the version; alias it as the challenger when it passed."""
+        trained = event.payload
+        name, version = trained.registered_model, trained.model_version
+        tags = {
+            f"{TAG_PREFIX}verdict": assessment.verdict.value,
+            f"{TAG_PREFIX}champion_version": assessment.champion_version or "none",
+            f"{TAG_PREFIX}snapshot_id": trained.snapshot_id,
+            f"{TAG_PREFIX}test_images": str(assessment.test_images),
+            f"{TAG_PREFIX}event_id": str(event.event_id),
+            f"{TAG_PREFIX}reasons": "\n".join(assessment.reasons)[:MAX_TAG_VALUE],
+        } | {
+            f"{TAG_PREFIX}{metric}": f"{assessment.candidate_metrics[metric]:.6g}"
+            for metric in TAGGED_METRICS
+            if metric in assessment.candidate_metrics
+        }
+        try:
+            await self._registry.set_tags(name, version, tags)
+        except NotFoundError:
+            # The version itself is gone: there is nothing to tag or alias, but the verdict
+            # (failed, its artifacts unusable) still goes out as an event.
+            log.warning("candidate version not in the registry; verdict not tagged")
+            return
+        if assessment.verdict is ValidationVerdict.PASSED:
+            await self._registry.set_alias(name, self._challenger_alias, version)
+
+
+def _split_notes(split: HeldOutSplit) -> list[str]:
+    if not split.undecodable:
+        return []
+    return [f"{split.undecodable} test images are not decodable and were left out"]
+
+
+def _unknown_note(role: str, score: ModelScore) -> list[str]:
+    if not score.unknown_class_images:
+        return []
+    names = ", ".join(repr(name) for name in score.unknown_classes)
+    return [
+        f"{role} does not know the classes {names} of {score.unknown_class_images} test images; "
+        "scored as errors"
+    ]

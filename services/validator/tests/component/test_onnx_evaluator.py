@@ -1,0 +1,176 @@
+import io
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from flywheel_clients.registry import ModelFiles
+from flywheel_validator.adapters.onnx import OnnxEvaluator
+from flywheel_validator.errors import ModelUnusableError
+from flywheel_validator.ports import LabeledImage
+from flywheel_vision.data import load_mnist, mnist_dataset, to_png
+from flywheel_vision.export import export_onnx
+from flywheel_vision.model import DigitNet
+
+CLASSES = [str(d) for d in range(10)]
+# A derangement: output j of the reordered model means class PERMUTATION[j].
+PERMUTATION = [3, 7, 0, 9, 1, 8, 2, 6, 4, 5]
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: DigitNet
+    files: ModelFiles
+    images: list[LabeledImage]
+
+
+def _state_bytes(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _files(model: nn.Module, labels: list[str], version: str = "1") -> ModelFiles:
+    return ModelFiles(
+        name="digits",
+        version=version,
+        onnx=export_onnx(model),
+        labels=labels,
+        state_dict=_state_bytes(model),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained() -> Trained:
+    """A DigitNet trained briefly on MNIST, exported, and 300 held-out digits as PNGs."""
+    torch.manual_seed(0)
+    model = DigitNet(10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loader = torch.utils.data.DataLoader(mnist_dataset("train", 3000), batch_size=64, shuffle=True)
+    model.train()
+    for _ in range(2):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    model.eval()
+    pixels, labels = load_mnist("test", 300)
+    images = [
+        LabeledImage(class_name=str(int(label)), data=to_png(image))
+        for image, label in zip(pixels, labels, strict=True)
+    ]
+    return Trained(model, _files(model, CLASSES), images)
+
+
+@pytest.fixture
+def evaluator() -> OnnxEvaluator:
+    return OnnxEvaluator(latency_images=20, parity_images=8)
+
+
+async def test_a_model_is_scored_as_deployed(trained: Trained, evaluator: OnnxEvaluator) -> None:
+    scored = await evaluator.score(trained.files, trained.images)
+
+    assert scored.test_images == 300
+    assert scored.accuracy > 0.8
+    assert scored.macro_f1 > 0.8
+    assert sorted(scored.per_class_recall) == CLASSES
+    assert 0 < scored.latency_p50_ms <= scored.latency_p95_ms
+    assert scored.model_size_bytes == len(trained.files.onnx)
+    assert scored.unknown_class_images == 0
+
+
+async def test_a_model_with_another_class_order_is_scored_by_class_name(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    reordered = DigitNet(10)
+    reordered.load_state_dict(trained.model.state_dict())
+    with torch.no_grad():
+        reordered.head.weight.copy_(trained.model.head.weight[PERMUTATION])
+        reordered.head.bias.copy_(trained.model.head.bias[PERMUTATION])
+    labels = [CLASSES[i] for i in PERMUTATION]
+    files = _files(reordered, labels, version="2")
+
+    original = await evaluator.score(trained.files, trained.images)
+    by_name = await evaluator.score(files, trained.images)
+    by_index = await evaluator.score(files.model_copy(update={"labels": CLASSES}), trained.images)
+
+    assert by_name.accuracy == pytest.approx(original.accuracy)
+    assert by_name.macro_f1 == pytest.approx(original.macro_f1)
+    assert by_name.per_class_recall == pytest.approx(original.per_class_recall)
+    # Read by output index instead of by name, the same model would look useless.
+    assert by_index.accuracy < 0.2
+
+
+async def test_images_of_classes_the_model_does_not_know_are_errors(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    foreign = [LabeledImage(class_name="x", data=i.data) for i in trained.images[:30]]
+
+    scored = await evaluator.score(trained.files, [*trained.images, *foreign])
+    plain = await evaluator.score(trained.files, trained.images)
+
+    assert scored.test_images == 330
+    assert scored.accuracy == pytest.approx(plain.accuracy * 300 / 330)
+    assert scored.per_class_recall["x"] == 0.0
+    assert (scored.unknown_class_images, scored.unknown_classes) == (30, ["x"])
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"onnx": b"not an onnx graph"}, "protobuf"),
+        ({"labels": CLASSES[:9]}, "10 outputs but 9 classes"),
+        ({"labels": ["0", "0", *CLASSES[2:]]}, "twice"),
+    ],
+)
+async def test_a_model_that_does_not_load_or_fit_its_labels_is_unusable(
+    trained: Trained, evaluator: OnnxEvaluator, update: dict[str, object], message: str
+) -> None:
+    broken = trained.files.model_copy(update=update)
+
+    with pytest.raises(ModelUnusableError, match=message):
+        await evaluator.score(broken, trained.images)
+
+
+async def test_parity_of_the_exported_weights_is_measured(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    parity = await evaluator.parity(trained.files, trained.images)
+
+    assert parity.error is None
+    assert parity.max_abs_diff is not None
+    assert parity.max_abs_diff < 1e-4
+    assert parity.images == 8
+
+
+async def test_weights_that_are_not_the_exported_ones_show_as_a_large_difference(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    torch.manual_seed(1)
+    other = trained.files.model_copy(update={"state_dict": _state_bytes(DigitNet(10))})
+
+    parity = await evaluator.parity(other, trained.images)
+
+    assert parity.max_abs_diff is not None
+    assert parity.max_abs_diff > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("state_dict", "error"),
+    [
+        (None, "the version has no state dict"),
+        (b"garbage", "state dict does not load into DigitNet"),
+        (_state_bytes(DigitNet(9)), "state dict does not load into DigitNet"),
+    ],
+)
+async def test_parity_that_cannot_run_says_why(
+    trained: Trained, evaluator: OnnxEvaluator, state_dict: bytes | None, error: str
+) -> None:
+    parity = await evaluator.parity(
+        trained.files.model_copy(update={"state_dict": state_dict}), trained.images
+    )
+
+    assert parity.max_abs_diff is None
+    assert parity.error is not None
+    assert parity.error.startswith(error)
