@@ -1,0 +1,1 @@
+"""Adapters of the labeling ports: PostgreSQL, S3 and http(s)."""
