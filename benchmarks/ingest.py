@@ -9,17 +9,27 @@ segment PUT and the transaction from being paid once per label.
 
     .venv/bin/python benchmarks/ingest.py --labels 2000
 
-``--transport asgi`` (default) calls the app through httpx's ASGI transport; ``uvicorn`` serves
-it on a free port and posts over HTTP. The last line is ``labels_per_s=… s3_puts_per_s=…
-ratio=…``.
+``--transport process`` (default) runs the service as deployed, ``python -m flywheel_labeling``
+in its own process, and posts over HTTP; ``asgi`` calls the app in this process through httpx's
+ASGI transport; ``uvicorn`` serves it in this process on a free port. ``--per-request N`` posts
+N labels per request through ``labels:batch`` (base64 images) instead of one multipart label;
+by default it measures one label per request (what a tool posting each annotation does) and
+then 16 per request (bulk imports, pseudo labels), each against its own raw-PUT reference.
+Each mode prints ``labels_per_s=… s3_puts_per_s=… ratio=…``; the last line is the bulk mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import io
+import json as json_module
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -27,7 +37,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import uvicorn
@@ -90,9 +102,116 @@ def servers(workdir: Path) -> Iterator[tuple[str, str, S3Server]]:
         yield rabbit, postgres, s3
 
 
+class AiohttpClient:
+    """The load generator's HTTP client for the out-of-process service.
+
+    httpx costs several ms of CPU per multipart request, which on a 2-core machine would be
+    measured as the service's slowness; aiohttp keeps the generator's share small.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def post(
+        self,
+        path: str,
+        *,
+        headers: dict[str, str],
+        json: object | None = None,
+        data: dict[str, str] | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
+    ) -> Answer:
+        body: aiohttp.FormData | None = None
+        if files is not None:
+            body = aiohttp.FormData()
+            for name, value in (data or {}).items():
+                body.add_field(name, value)
+            for name, (filename, content, content_type) in files.items():
+                body.add_field(name, content, filename=filename, content_type=content_type)
+        async with self._session.post(path, headers=headers, json=json, data=body) as response:
+            return Answer(response.status, await response.text())
+
+    async def get(self, path: str, *, headers: dict[str, str] | None = None) -> Answer:
+        async with self._session.get(path, headers=headers) as response:
+            return Answer(response.status, await response.text())
+
+
+@dataclass
+class Answer:
+    status_code: int
+    text: str
+
+    def json(self) -> Any:
+        return json_module.loads(self.text)
+
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            raise RuntimeError(f"{self.status_code}: {self.text[:500]}")
+
+
 @contextlib.asynccontextmanager
-async def app_client(app: FastAPI, transport: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the running app: straight into ASGI, or over HTTP to uvicorn."""
+async def service_process(settings: LabelingSettings) -> AsyncIterator[Any]:
+    """``python -m flywheel_labeling`` configured through its environment, and a client of it."""
+    port = free_port()
+    platform = settings.platform
+    env = {
+        **os.environ,
+        "FLYWHEEL_RABBIT_URL": platform.rabbit_url.get_secret_value(),
+        "FLYWHEEL_DATABASE_URL": platform.database_url.get_secret_value(),
+        "FLYWHEEL_S3_ENDPOINT": platform.s3_endpoint,
+        "FLYWHEEL_S3_ACCESS_KEY": platform.s3_access_key.get_secret_value(),
+        "FLYWHEEL_S3_SECRET_KEY": platform.s3_secret_key.get_secret_value(),
+        "FLYWHEEL_LOG_LEVEL": "WARNING",
+        "FLYWHEEL_LABELING_HTTP_PORT": str(port),
+        "FLYWHEEL_LABELING_HTTP_WORKERS": str(settings.http_workers),
+        "FLYWHEEL_LABELING_NAMESPACE": settings.namespace,
+        "FLYWHEEL_LABELING_DATA_BUCKET": settings.data_bucket,
+        "FLYWHEEL_LABELING_AUTH__DEV_SIGNING_KEY": (
+            settings.auth.dev_signing_key.get_secret_value()
+            if settings.auth.dev_signing_key
+            else ""
+        ),
+    }
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
+        [sys.executable, "-m", "flywheel_labeling"], env=env, start_new_session=True
+    )
+    connector = aiohttp.TCPConnector(limit=64)
+    try:
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{port}",
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=60),
+        ) as session:
+            client = AiohttpClient(session)
+            deadline = time.monotonic() + 60
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"labeling exited with {process.returncode}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("labeling did not become ready within 60 s")
+                await asyncio.sleep(0.1)
+            yield client
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            await asyncio.to_thread(process.wait)
+
+
+@contextlib.asynccontextmanager
+async def app_client(
+    app: FastAPI, settings: LabelingSettings, transport: str
+) -> AsyncIterator[Any]:
+    """A client of the running app: its own process, straight into ASGI, or in-process uvicorn."""
+    if transport == "process":
+        async with service_process(settings) as client:
+            yield client
+        return
     if transport == "asgi":
         async with (
             app.router.lifespan_context(app),
@@ -148,6 +267,7 @@ async def measure(args: argparse.Namespace) -> Result:
                     log_level="WARNING",
                 ),
                 auth=AuthSettings(dev_signing_key=SecretStr(key)),
+                http_workers=args.workers,
                 namespace=unique_namespace(),
                 data_bucket=bucket,
             )
@@ -155,7 +275,7 @@ async def measure(args: argparse.Namespace) -> Result:
             admin = issue_dev_token(key, subject="admin", roles=["admin"])
             labeler = issue_dev_token(key, subject="bench", username="bench", roles=["labeler"])
             try:
-                async with app_client(app, args.transport) as client:
+                async with app_client(app, settings, args.transport) as client:
                     created = await client.post(
                         "/v1/projects",
                         json={"project_id": PROJECT, "name": "bench", "class_names": CLASSES},
@@ -163,7 +283,29 @@ async def measure(args: argparse.Namespace) -> Result:
                     )
                     created.raise_for_status()
 
-                    async def post(index: int) -> None:
+                    auth = {"Authorization": f"Bearer {labeler}"}
+                    per_request = args.per_request
+
+                    async def post_batch(first: int) -> None:
+                        items = [
+                            {
+                                "image_base64": base64.b64encode(images[i]).decode(),
+                                "class_name": CLASSES[i % 10],
+                            }
+                            for i in range(first, first + per_request)
+                        ]
+                        response = await client.post(
+                            f"/v1/projects/{PROJECT}/labels:batch",
+                            json={"items": items},
+                            headers=auth,
+                        )
+                        results = response.json().get("results", [])
+                        if response.status_code != 200 or any(
+                            r["status"] != "created" for r in results
+                        ):
+                            raise RuntimeError(f"{response.status_code}: {response.text[:500]}")
+
+                    async def post_one(index: int) -> None:
                         response = await client.post(
                             f"/v1/projects/{PROJECT}/labels",
                             data={"class_name": CLASSES[index % 10]},
@@ -173,11 +315,21 @@ async def measure(args: argparse.Namespace) -> Result:
                         if response.status_code != 201:
                             raise RuntimeError(f"{response.status_code}: {response.text}")
 
-                    await run_clients(args.warmup, args.concurrency, post)
+                    async def post(index: int) -> None:
+                        if per_request == 1:
+                            await post_one(index)
+                        else:
+                            await post_batch(index * per_request)
+
+                    await run_clients(args.warmup // per_request, args.concurrency, post)
                     cpu = time.process_time()
-                    labels_per_s = await run_clients(
-                        args.labels, args.concurrency, lambda i: post(args.warmup + i)
+                    offset = args.warmup // per_request
+                    requests_per_s = await run_clients(
+                        args.labels // per_request,
+                        args.concurrency,
+                        lambda i: post(offset + i),
                     )
+                    labels_per_s = requests_per_s * per_request
                     cpu_ms = (time.process_time() - cpu) / args.labels * 1000
                     stats = await client.get(
                         f"/v1/projects/{PROJECT}/stats",
@@ -222,18 +374,29 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=2000, help="labels posted and measured")
     parser.add_argument("--warmup", type=int, default=200, help="labels posted before measuring")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients")
-    parser.add_argument("--transport", choices=["asgi", "uvicorn"], default="asgi")
+    parser.add_argument("--transport", choices=["process", "asgi", "uvicorn"], default="process")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="service processes (process transport)"
+    )
+    parser.add_argument(
+        "--per-request",
+        default="1,16",
+        help="labels per request, one run each, comma-separated (>1: labels:batch)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    result = asyncio.run(measure(args))
-    print(
-        f"{args.labels} labels in {result.snapshots} snapshots (warm-up included), "
-        f"{result.cpu_ms_per_label:.2f} ms CPU per label in this process"
-    )
-    print(
-        f"labels_per_s={result.labels_per_s:.1f} s3_puts_per_s={result.s3_puts_per_s:.1f} "
-        f"ratio={result.labels_per_s / result.s3_puts_per_s:.3f}"
-    )
+    for per_request in (int(n) for n in args.per_request.split(",")):
+        run = argparse.Namespace(**{**vars(args), "per_request": per_request})
+        result = asyncio.run(measure(run))
+        print(
+            f"{args.labels} labels, {per_request} per request, {args.transport} transport, "
+            f"{result.snapshots} snapshots (warm-up included), "
+            f"{result.cpu_ms_per_label:.2f} ms CPU per label in the load generator"
+        )
+        print(
+            f"labels_per_s={result.labels_per_s:.1f} s3_puts_per_s={result.s3_puts_per_s:.1f} "
+            f"ratio={result.labels_per_s / result.s3_puts_per_s:.3f}"
+        )
 
 
 if __name__ == "__main__":

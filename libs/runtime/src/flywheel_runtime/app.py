@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvicorn
 from fastapi import APIRouter, FastAPI
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.rabbit import RabbitBroker
@@ -27,11 +28,29 @@ from flywheel_runtime.logs import configure_logging
 from flywheel_runtime.messaging import create_broker, start_broker
 from flywheel_runtime.migrations import migrate
 from flywheel_runtime.outbox import BrokerOutboxPublisher, OutboxRelay
-from flywheel_runtime.settings import PlatformSettings
+from flywheel_runtime.settings import PlatformSettings, ServiceSettings
 from flywheel_runtime.telemetry import Telemetry, setup_telemetry
 from flywheel_runtime.topology import Topology
 
 Hook = Callable[[], Awaitable[None]]
+
+
+def serve(factory: str, settings: ServiceSettings) -> None:
+    """Run ``module:create_app`` under uvicorn, with ``http_workers`` processes on one port.
+
+    The factory is imported by path so each worker process builds its own app (and its own
+    broker and engine) from the environment.
+    """
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=settings.http_host,
+        port=settings.http_port,
+        workers=settings.http_workers,
+        # The runtime routes uvicorn's loggers through structlog.
+        log_config=None,
+        access_log=False,
+    )
 
 
 @dataclass

@@ -73,3 +73,6 @@ class ServiceSettings(BaseSettings):
 
     http_port: int = 8080
     """Port of the service's HTTP server (API, health, metrics)."""
+
+    http_workers: int = Field(default=1, ge=1)
+    """Server processes sharing the port; each builds its own app from the environment."""

@@ -14,10 +14,12 @@ message harmless.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import io
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
@@ -105,6 +107,7 @@ class ObjectStorage:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
         retries: int = 3,
+        max_concurrency: int = 32,
     ) -> None:
         """Connect lazily to ``endpoint`` (``host:port``); nothing is sent until the first call.
 
@@ -112,17 +115,20 @@ class ObjectStorage:
         dead S3 would hang a handler for half an hour; ours gives up within seconds and lets the
         caller's retry policy (broker redelivery, readiness probe) decide what happens next.
         A fixed ``region`` also spares the SDK a bucket-location request before each first use.
+        Calls run on a thread pool of their own, ``max_concurrency`` wide with as many pooled
+        connections: the default executor's handful of threads would cap S3 throughput.
         """
         self._endpoint = endpoint
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
-            maxsize=10,
+            maxsize=max_concurrency,
             retries=urllib3.Retry(
                 total=retries,
                 backoff_factor=0.2,
                 status_forcelist=(500, 502, 503, 504),
             ),
         )
+        self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="s3")
         self._client = Minio(
             endpoint,
             access_key=access_key,
@@ -149,8 +155,9 @@ class ObjectStorage:
         return self._endpoint
 
     def close(self) -> None:
-        """Drop pooled connections; call on shutdown."""
+        """Drop pooled connections and worker threads; call on shutdown."""
         self._http.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def ping(self) -> None:
         """Readiness check: a signed request proves the server answers and accepts our keys."""
@@ -282,7 +289,9 @@ class ObjectStorage:
         # Details reach HTTP clients, so they name the caller's bucket and key, never our host.
         details = {name: value for name, value in (("bucket", bucket), ("key", key)) if value}
         try:
-            return await asyncio.to_thread(call)
+            context = contextvars.copy_context()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, context.run, call)
         except S3Error as exc:
             if exc.code in _NOT_FOUND_CODES:
                 raise NotFoundError(

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import uvicorn
-
-from flywheel_data_monitor.main import create_app
 from flywheel_data_monitor.settings import DataMonitorSettings
+from flywheel_runtime.app import serve
 
 
 def main() -> None:
-    settings = DataMonitorSettings()
-    # log_config=None: the runtime already routes uvicorn's loggers through structlog.
-    uvicorn.run(
-        create_app(settings), host=settings.http_host, port=settings.http_port, log_config=None
-    )
+    serve("flywheel_data_monitor.main:create_app", DataMonitorSettings())
 
 
 if __name__ == "__main__":
