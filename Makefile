@@ -8,7 +8,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
 SOURCES = $(wildcard libs/*/src services/*/src cli/src)
 
-.PHONY: install test lint format typecheck schemas asyncapi check demo up down bench clean
+.PHONY: install test lint format typecheck schemas env-example asyncapi check demo up down bench clean
 
 $(STAMP): constraints.txt requirements-dev.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml cli/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ typecheck: install
 
 schemas: install
 	$(BIN)/python -m flywheel_contracts.schemas --write
+
+env-example: install
+	$(BIN)/python scripts/env_example.py
 
 asyncapi: install
 	FLYWHEEL_WRITE_ASYNCAPI=1 $(BIN)/pytest -q -k asyncapi services

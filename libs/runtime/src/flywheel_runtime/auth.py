@@ -75,7 +75,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 class AuthSettings(BaseModel):
     """How an HTTP service checks bearer tokens; nested in the service's settings as ``auth``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     jwks_url: str | None = None
     """JWKS endpoint of the identity provider

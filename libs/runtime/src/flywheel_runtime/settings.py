@@ -8,14 +8,19 @@ object carries everything and is built once, in the service's ``create_app``.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+import json
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class PlatformSettings(BaseSettings):
     """Where the shared servers are. Every field reads ``FLYWHEEL_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_", extra="ignore", use_attribute_docstrings=True
+    )
 
     rabbit_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     """AMQP URL of RabbitMQ, credentials included."""
@@ -63,7 +68,9 @@ class PlatformSettings(BaseSettings):
 class ServiceSettings(BaseSettings):
     """Base of a service's settings; subclasses set ``env_prefix`` and add their own fields."""
 
-    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_SERVICE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_SERVICE_", extra="ignore", use_attribute_docstrings=True
+    )
 
     platform: PlatformSettings = Field(default_factory=PlatformSettings)
     """Connection settings shared by all services."""
@@ -76,3 +83,40 @@ class ServiceSettings(BaseSettings):
 
     http_workers: int = Field(default=1, ge=1)
     """Server processes sharing the port; each builds its own app from the environment."""
+
+
+def env_reference(settings: type[BaseSettings]) -> list[tuple[str, str, str]]:
+    """``(variable, default, description)`` for every field a settings class reads from env.
+
+    Nested models are flattened with ``__``, the nested delimiter every service uses; the nested
+    platform block is left out (it reads ``FLYWHEEL_*`` itself, see ``PlatformSettings``).
+    """
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    return _fields(settings, prefix)
+
+
+def _fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        if field.annotation is PlatformSettings:
+            continue
+        variable = f"{prefix}{name.upper()}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _fields(annotation, f"{variable}__")
+            continue
+        rows.append((variable, _default(field), " ".join((field.description or "").split())))
+    return rows
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value) if value else ""
+    return str(value)

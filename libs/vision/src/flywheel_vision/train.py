@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import platform as host_platform
 import shutil
@@ -23,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -69,10 +71,13 @@ __all__ = [
     "SnapshotData",
     "TrainConfig",
     "TrainResult",
+    "config_from_args",
     "load_snapshot",
     "main",
+    "read_label_ids",
     "resolve_version",
     "train",
+    "training_entries",
 ]
 
 ARTIFACT_PATH: Final = "model"
@@ -127,6 +132,8 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     """Torch CPU threads of this process; default: torch's choice (``OMP_NUM_THREADS``)."""
     data_bucket: str = DATA_BUCKET
+    excluded_label_ids: frozenset[uuid.UUID] = frozenset()
+    """Labels that must not enter training (quarantined batches); dropped before loading."""
 
 
 class TrainResult(BaseModel):
@@ -174,6 +181,18 @@ class SnapshotData:
     validation: LabeledImages
 
 
+def training_entries(
+    entries: Iterable[ManifestEntry], excluded_label_ids: Collection[uuid.UUID] = ()
+) -> list[ManifestEntry]:
+    """The TRAIN and VALIDATION entries of a manifest, less the excluded labels."""
+    excluded = frozenset(excluded_label_ids)
+    return [
+        e
+        for e in entries
+        if e.split in (Split.TRAIN, Split.VALIDATION) and e.label_id not in excluded
+    ]
+
+
 async def load_snapshot(
     storage: ObjectStorage,
     project_id: str,
@@ -181,14 +200,16 @@ async def load_snapshot(
     *,
     bucket: str = DATA_BUCKET,
     concurrency: int = _FETCH_CONCURRENCY,
+    excluded_label_ids: Collection[uuid.UUID] = (),
 ) -> SnapshotData:
     """Resolve a snapshot and fetch and preprocess its TRAIN and VALIDATION images.
 
-    Classes are the sorted names seen in those splits, so the same snapshot always yields the
-    same output order, whichever process or rank loads it.
+    Labels in ``excluded_label_ids`` are left out before anything is fetched. Classes are the
+    sorted names seen in the remaining entries, so the same snapshot and exclusions always
+    yield the same output order, whichever process or rank loads it.
     """
     manifest = await SnapshotStore(storage, bucket=bucket).resolve(project_id, snapshot_id)
-    entries = [e for e in manifest.entries if e.split in (Split.TRAIN, Split.VALIDATION)]
+    entries = training_entries(manifest.entries, excluded_label_ids)
     classes = tuple(sorted({e.class_name for e in entries}))
     index = {name: i for i, name in enumerate(classes)}
     gate = asyncio.Semaphore(concurrency)
@@ -441,7 +462,11 @@ async def _load(platform: PlatformSettings, config: TrainConfig) -> SnapshotData
     storage = ObjectStorage.from_settings(platform)
     try:
         return await load_snapshot(
-            storage, config.project_id, config.snapshot_id, bucket=config.data_bucket
+            storage,
+            config.project_id,
+            config.snapshot_id,
+            bucket=config.data_bucket,
+            excluded_label_ids=config.excluded_label_ids,
         )
     finally:
         storage.close()
@@ -546,6 +571,7 @@ def _log_params(
         "num_classes": len(data.classes),
         "train_images": len(data.train),
         "validation_images": len(data.validation),
+        "excluded_labels": len(config.excluded_label_ids),
         "world_size": dist.world_size,
         "base_alias": config.base_alias or "",
         "base_version": base.version if base else NO_BASE,
@@ -641,20 +667,35 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--s3-endpoint", default=None, help="host:port (FLYWHEEL_S3_ENDPOINT)")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI (FLYWHEEL_MLFLOW_URI)")
     parser.add_argument("--result-file", type=Path, default=None, help="JSON result (rank 0)")
+    parser.add_argument(
+        "--exclude-labels-file",
+        type=Path,
+        default=None,
+        help="JSON list of label ids to leave out (quarantined labels)",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {}
-    if args.s3_endpoint:
-        overrides["s3_endpoint"] = args.s3_endpoint
-    if args.mlflow_uri:
-        overrides["mlflow_uri"] = args.mlflow_uri
-    platform = PlatformSettings().model_copy(update=overrides)
-    configure_logging("trainer", level=platform.log_level, json=platform.log_json)
-    config = TrainConfig(
+def read_label_ids(path: Path) -> frozenset[uuid.UUID]:
+    """The label ids of a ``--exclude-labels-file``: a JSON list of UUID strings."""
+    loaded = json.loads(path.read_text())
+    if not isinstance(loaded, list):
+        raise InvalidInputError(
+            "the exclude-labels file must hold a JSON list of label ids",
+            details={"path": str(path)},
+        )
+    try:
+        return frozenset(uuid.UUID(str(item)) for item in loaded)
+    except ValueError as exc:
+        raise InvalidInputError(
+            "the exclude-labels file holds something that is not a label id",
+            details={"path": str(path)},
+        ) from exc
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` the command line asks for (arguments parsed by ``main``'s parser)."""
+    return TrainConfig(
         project_id=args.project_id,
         snapshot_id=args.snapshot_id,
         model_name=args.model_name,
@@ -669,7 +710,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         training_run_id=args.training_run_id,
         threads=args.threads,
         data_bucket=args.data_bucket,
+        excluded_label_ids=(
+            read_label_ids(args.exclude_labels_file) if args.exclude_labels_file else frozenset()
+        ),
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.s3_endpoint:
+        overrides["s3_endpoint"] = args.s3_endpoint
+    if args.mlflow_uri:
+        overrides["mlflow_uri"] = args.mlflow_uri
+    platform = PlatformSettings().model_copy(update=overrides)
+    configure_logging("trainer", level=platform.log_level, json=platform.log_json)
+    config = config_from_args(args)
     result = train(config, platform=platform)
     if result is not None and args.result_file is not None:
         args.result_file.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,9 @@ class DataMonitorSettings(ServiceSettings):
         use_attribute_docstrings=True,
     )
 
+    http_port: int = 8082
+    """Port of the service's HTTP server (API, health, metrics); unique per service locally."""
+
     namespace: str = ""
     """Prefix of every exchange and queue name; empty in production, unique per test run."""
 

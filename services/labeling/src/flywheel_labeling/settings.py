@@ -25,6 +25,9 @@ class LabelingSettings(ServiceSettings):
         use_attribute_docstrings=True,
     )
 
+    http_port: int = 8081
+    """Port of the service's HTTP server (API, health, metrics); unique per service locally."""
+
     auth: AuthSettings = Field(default_factory=AuthSettings)
     """How bearer tokens of the native API are checked (JWKS of the identity provider, or a
     dev signing key for local runs)."""

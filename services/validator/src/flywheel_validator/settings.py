@@ -24,6 +24,9 @@ class ValidatorSettings(ServiceSettings):
         use_attribute_docstrings=True,
     )
 
+    http_port: int = 8084
+    """Port of the service's HTTP server (API, health, metrics); unique per service locally."""
+
     namespace: str = ""
     """Prefix of every exchange and queue name; empty in production, unique per test run."""
 
