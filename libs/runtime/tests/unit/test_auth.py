@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -36,6 +36,7 @@ from flywheel_runtime.auth import (
     roles_from_claims,
 )
 from flywheel_runtime.http import install_error_handlers
+from flywheel_testing.wait import wait_until
 
 ISSUER = "http://keycloak.test/realms/flywheel"
 AUDIENCE = "flywheel-api"
@@ -63,14 +64,6 @@ class JwksEndpoint:
         return StarletteJSONResponse(self.document)
 
 
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
-
-
 @pytest.fixture(scope="module")
 def jwks_server() -> Iterator[JwksEndpoint]:
     endpoint = JwksEndpoint()
@@ -81,7 +74,7 @@ def jwks_server() -> Iterator[JwksEndpoint]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    _wait_until(lambda: server.started)
+    wait_until(lambda: server.started)
     endpoint.url = f"http://127.0.0.1:{port}/certs"
     yield endpoint
     server.should_exit = True
