@@ -90,7 +90,7 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_the_single_process_example_runs() -> None:
-    completed = subprocess.run(  # noqa: S603
+    completed = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_single.py"), "--limit", "600", "--epochs", "1"],
         capture_output=True,
         text=True,
@@ -105,7 +105,7 @@ def test_the_single_process_example_runs() -> None:
 
 @pytest.mark.slow
 def test_the_ddp_example_finishes_on_both_ranks_under_torchrun() -> None:
-    completed = subprocess.run(  # noqa: S603
+    completed = subprocess.run(
         [
             sys.executable,
             "-m",

@@ -241,7 +241,7 @@ def test_torchrun_with_two_ranks_makes_one_run_and_one_version(
         "FLYWHEEL_LOG_JSON": "true",
     }
 
-    completed = subprocess.run(  # noqa: S603
+    completed = subprocess.run(
         [
             sys.executable,
             "-m",

@@ -1,0 +1,1 @@
+"""Flywheel's trainer dispatch: queues retrains per model line and runs them on a backend."""
