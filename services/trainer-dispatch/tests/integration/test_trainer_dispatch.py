@@ -1,5 +1,3 @@
-import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -24,18 +22,14 @@ from sqlalchemy import text
 from flywheel_contracts import Event, ModelTrainedV1, ThresholdReachedV1, TrainingFailedV1
 from flywheel_contracts.datasets import (
     ManifestEntry,
-    SnapshotSegment,
     Split,
-    image_key,
-    snapshot_id_for,
-    split_for,
 )
 from flywheel_runtime.app import ServiceRuntime
-from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.messaging import create_broker, publish_event
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.storage import ObjectStorage
 from flywheel_runtime.topology import Topology
+from flywheel_testing.datasets import write_mnist_snapshot
 from flywheel_testing.rabbit import delete_names
 from flywheel_testing.s3 import S3Server
 from flywheel_testing.wait import wait_for
@@ -43,7 +37,6 @@ from flywheel_trainer_dispatch.adapters.local import run_processes
 from flywheel_trainer_dispatch.main import create_app
 from flywheel_trainer_dispatch.outcomes import LOST_WHILE_DOWN
 from flywheel_trainer_dispatch.settings import TrainerDispatchSettings
-from flywheel_vision.data import load_mnist, to_png
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,42 +70,9 @@ async def snapshot(s3_server: S3Server) -> AsyncIterator[Snapshot]:
     bucket = f"flywheel-test-{uuid.uuid4().hex[:16]}"
     storage = ObjectStorage(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
     await storage.ensure_buckets(bucket)
-    images, labels = load_mnist("train", IMAGES)
-    pngs: dict[str, bytes] = {}
-    entries = []
-    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        png = to_png(image)
-        sha = hashlib.sha256(png).hexdigest()
-        pngs[sha] = png
-        entries.append(
-            ManifestEntry(
-                label_id=uuid.UUID(int=index + 1),
-                image_sha256=sha,
-                image_key=image_key(sha),
-                class_name=str(int(label)),
-                split=split_for(sha),
-            )
-        )
-    gate = asyncio.Semaphore(8)
-
-    async def upload(sha: str, png: bytes) -> None:
-        async with gate:
-            await storage.put(bucket, image_key(sha), png, content_type="image/png")
-
-    await asyncio.gather(*(upload(sha, png) for sha, png in pngs.items()))
-    snapshot_id = snapshot_id_for(None, entries, [])
-    await SnapshotStore(storage, bucket=bucket).write_segment(
-        SnapshotSegment(
-            snapshot_id=snapshot_id,
-            project_id=PROJECT,
-            parent_snapshot_id=None,
-            batch_id=uuid.uuid4(),
-            created_at=datetime.now(UTC),
-            upserts=entries,
-        )
-    )
+    written = await write_mnist_snapshot(storage, bucket, project_id=PROJECT, count=IMAGES)
     storage.close()
-    yield Snapshot(bucket, snapshot_id, entries)
+    yield Snapshot(bucket, written.snapshot_id, written.entries)
     client = Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False)
     doomed = (DeleteObject(o.object_name) for o in client.list_objects(bucket, recursive=True))
     assert not list(client.remove_objects(bucket, doomed))
