@@ -1,5 +1,3 @@
-import asyncio
-import hashlib
 import json
 import os
 import subprocess
@@ -7,7 +5,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,18 +15,13 @@ from pydantic import SecretStr
 
 from flywheel_contracts.datasets import (
     ManifestEntry,
-    SnapshotSegment,
     Split,
-    image_key,
-    snapshot_id_for,
-    split_for,
 )
-from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.storage import ObjectStorage
+from flywheel_testing.datasets import write_mnist_snapshot
 from flywheel_testing.mlflow_server import MlflowServer
 from flywheel_testing.s3 import S3Server
-from flywheel_vision.data import load_mnist, to_png
 from flywheel_vision.evaluate import evaluate
 from flywheel_vision.export import read_labels
 from flywheel_vision.train import TrainConfig, TrainResult, resolve_version, train
@@ -55,42 +47,9 @@ async def snapshot(s3_server: S3Server) -> AsyncIterator[Snapshot]:
     bucket = f"flywheel-test-{uuid.uuid4().hex[:16]}"
     storage = ObjectStorage(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
     await storage.ensure_buckets(bucket)
-    images, labels = load_mnist("train", IMAGES)
-    pngs = {}
-    entries = []
-    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        png = to_png(image)
-        sha = hashlib.sha256(png).hexdigest()
-        pngs[sha] = png
-        entries.append(
-            ManifestEntry(
-                label_id=uuid.UUID(int=index + 1),
-                image_sha256=sha,
-                image_key=image_key(sha),
-                class_name=str(int(label)),
-                split=split_for(sha),
-            )
-        )
-    gate = asyncio.Semaphore(8)
-
-    async def upload(sha: str, png: bytes) -> None:
-        async with gate:
-            await storage.put(bucket, image_key(sha), png, content_type="image/png")
-
-    await asyncio.gather(*(upload(sha, png) for sha, png in pngs.items()))
-    snapshot_id = snapshot_id_for(None, entries, [])
-    await SnapshotStore(storage, bucket=bucket).write_segment(
-        SnapshotSegment(
-            snapshot_id=snapshot_id,
-            project_id=PROJECT,
-            parent_snapshot_id=None,
-            batch_id=uuid.uuid4(),
-            created_at=datetime.now(UTC),
-            upserts=entries,
-        )
-    )
+    written = await write_mnist_snapshot(storage, bucket, project_id=PROJECT, count=IMAGES)
     storage.close()
-    yield Snapshot(bucket, snapshot_id, entries, pngs)
+    yield Snapshot(bucket, written.snapshot_id, written.entries, written.pngs)
     client = Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False)
     doomed = (DeleteObject(o.object_name) for o in client.list_objects(bucket, recursive=True))
     assert not list(client.remove_objects(bucket, doomed))
