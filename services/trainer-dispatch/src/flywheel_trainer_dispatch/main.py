@@ -70,7 +70,7 @@ def create_app(settings: TrainerDispatchSettings | None = None) -> FastAPI:
         SqlRunStore(runtime.db, consumer=SERVICE),
         create_backend(settings),
         Scheduler(settings.max_concurrent_runs),
-        owner=settings.instance_id,
+        owner=settings.owner(),
         registered_model=settings.registered_model,
         timeout_s=settings.timeout_s,
         lost_after_s=settings.lost_after_s,

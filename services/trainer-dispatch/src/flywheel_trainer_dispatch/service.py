@@ -183,7 +183,9 @@ class TrainerDispatch:
         async with self._store.transaction() as tx:
             run = await tx.lock_run(run_id)
             if run is None:
-                raise RunNotFoundError(f"run {run_id} does not exist", details={"run_id": run_id})
+                raise RunNotFoundError(
+                    f"run {run_id} does not exist", details={"run_id": str(run_id)}
+                )
             if run.state.terminal:
                 raise RunFinishedError(
                     f"run {run_id} has already ended ({run.state})",
@@ -261,15 +263,12 @@ class TrainerDispatch:
             return
         handle = _handle_of(run)
         if run.cancel_requested_at is not None:
-            await self._backend.cancel(handle)
-            status = await self._backend.poll(handle)
-            await self._fail(run, CANCELLED, status, state=RunState.CANCELLED)
+            await self._stop(run, handle, CANCELLED, RunState.CANCELLED)
             return
         if run.started_at is not None and now - run.started_at > self._timeout:
             log.warning("run timed out", run_id=str(run.run_id))
-            await self._backend.cancel(handle)
-            status = await self._backend.poll(handle)
-            await self._fail(run, timeout_failure(self._timeout.total_seconds()), status)
+            failure = timeout_failure(self._timeout.total_seconds())
+            await self._stop(run, handle, failure, RunState.FAILED)
             return
         status = await self._backend.poll(handle)
         if status.phase is Phase.RUNNING:
@@ -280,6 +279,18 @@ class TrainerDispatch:
         else:
             await self._fail(run, exit_failure(status.exit_code), status)
 
+    async def _stop(
+        self, run: TrainingRun, handle: RunHandle, failure: Failure, state: RunState
+    ) -> None:
+        """Stop a run's processes and close it, unless it registered its version first."""
+        await self._backend.cancel(handle)
+        status = await self._backend.poll(handle)
+        if status.phase is Phase.SUCCEEDED:
+            # It finished just before it was stopped: its version exists, so announce it.
+            await self._finish(run, status)
+        else:
+            await self._fail(run, failure, status, state=state)
+
     async def _sweep(self, now: datetime) -> None:
         """Fails runs whose instance stopped reporting (its machine is gone, say)."""
         for stale in await self._store.stale_runs(self._owner, now - self._lost_after):
@@ -287,7 +298,7 @@ class TrainerDispatch:
                 run = await tx.lock_run(stale.run_id)
                 if run is None or not run.state.active or run.owner != stale.owner:
                     continue
-                seen = run.heartbeat_at or stale.heartbeat_at or now
+                seen = run.heartbeat_at or run.started_at or run.created_at or now
                 failure = silent_owner_failure(run.owner, (now - seen).total_seconds())
                 await self._close(tx, run, RunState.FAILED, failure=failure)
 

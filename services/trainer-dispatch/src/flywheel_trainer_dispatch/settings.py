@@ -44,9 +44,10 @@ class TrainerDispatchSettings(ServiceSettings):
     backend: Literal["local"] = "local"
     """Where training runs: ``local`` (a subprocess or torchrun on this machine)."""
 
-    instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
-    """This instance's name on the runs it starts. After a restart an instance re-attaches the
-    runs carrying its name, so it must stay the same across restarts (the host name does)."""
+    instance_id: str = Field(default="", max_length=200)
+    """This instance's name on the runs it starts; empty: the host name. After a restart an
+    instance re-attaches the runs carrying its name, so it must stay the same across restarts
+    (the host name does)."""
 
     runs_dir: Path = Path("trainer-dispatch-runs")
     """Directory of the local backend's per-run folders (log, result, excluded labels)."""
@@ -109,6 +110,10 @@ class TrainerDispatchSettings(ServiceSettings):
         if not name:
             raise ValueError("registered_model_name must not be empty")
         return template
+
+    def owner(self) -> str:
+        """The name this instance puts on the runs it starts."""
+        return self.instance_id or socket.gethostname()
 
     def registered_model(self, project_id: str, model_line: str) -> str:
         """The registered model of a model line."""

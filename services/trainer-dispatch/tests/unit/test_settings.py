@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def test_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.db_schema == "trainer_dispatch"
     assert settings.backend == "local"
     assert settings.auth is None
-    assert settings.instance_id
+    assert settings.instance_id == ""
+    assert settings.owner() == socket.gethostname()
 
 
 def test_the_registered_model_is_named_after_the_model_line() -> None:

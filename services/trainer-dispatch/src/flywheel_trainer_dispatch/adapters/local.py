@@ -361,7 +361,10 @@ class LocalBackend:
         return self._finished(handle, exit_code, lost=True)
 
     async def read_log(self, handle: RunHandle) -> str | None:
-        path = self.run_dir(handle.run_id) / LOG_FILE
+        return await asyncio.to_thread(self._read_log, self.run_dir(handle.run_id) / LOG_FILE)
+
+    @staticmethod
+    def _read_log(path: Path) -> str | None:
         try:
             with path.open("rb") as file:
                 size = file.seek(0, os.SEEK_END)
@@ -445,12 +448,16 @@ class LocalBackend:
     def _output(self, handle: RunHandle) -> TrainingOutput | None:
         path = self.run_dir(handle.run_id) / RESULT_FILE
         try:
-            return TrainingOutput.model_validate_json(path.read_bytes())
+            output = TrainingOutput.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             return None
         except ValidationError as error:
             log.error("unreadable result file", run_id=str(handle.run_id), error=str(error))
             return None
+        if output.training_run_id not in (None, str(handle.run_id)):
+            log.error("result file of another run", run_id=str(handle.run_id))
+            return None
+        return output
 
     def _tail(self, handle: RunHandle) -> str:
         return read_tail(self.run_dir(handle.run_id) / LOG_FILE, max_lines=self._tail_lines)
