@@ -108,6 +108,13 @@ class ServiceRuntime:
                 runtime.relay = OutboxRelay(runtime.db, BrokerOutboxPublisher(broker, topology))
         return runtime
 
+    @property
+    def database(self) -> Database:
+        """The service's database; only services created with a ``schema`` have one."""
+        if self.db is None:
+            raise RuntimeError(f"{self.name} was created without a database schema")
+        return self.db
+
     async def _ping_broker(self) -> None:
         if not await self.broker.ping(timeout=1.0):
             raise DependencyUnavailableError("broker unavailable")

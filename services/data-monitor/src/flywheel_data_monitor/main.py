@@ -37,11 +37,9 @@ def create_app(settings: DataMonitorSettings | None = None) -> FastAPI:
         outbox=True,
         namespace=settings.namespace,
     )
-    if runtime.db is None:  # ServiceRuntime.create always builds it when given a schema
-        raise RuntimeError("data-monitor needs its database")
     storage = ObjectStorage.from_settings(settings.platform)
     monitor = DataMonitor(
-        SqlStore(runtime.db, consumer=SERVICE),
+        SqlStore(runtime.database, consumer=SERVICE),
         S3SnapshotReader(SnapshotStore(storage, bucket=settings.data_bucket)),
         default_policy=settings.default_policy,
     )

@@ -49,8 +49,6 @@ def create_app(settings: LabelingSettings | None = None) -> FastAPI:
         outbox=True,
         namespace=settings.namespace,
     )
-    if runtime.db is None:  # ServiceRuntime.create always builds it when given a schema
-        raise RuntimeError("labeling needs its database")
     declare_publishes(
         runtime.broker,
         runtime.topology,
@@ -68,7 +66,7 @@ def create_app(settings: LabelingSettings | None = None) -> FastAPI:
     fetcher = HttpImageFetcher(
         settings.image_fetch_allowed_hosts, timeout_s=settings.image_fetch_timeout_s
     )
-    store = SqlStore(runtime.db)
+    store = SqlStore(runtime.database)
     labeling = LabelingService(
         store,
         S3ImageStore(storage, settings.data_bucket),

@@ -64,10 +64,8 @@ def create_app(settings: TrainerDispatchSettings | None = None) -> FastAPI:
         outbox=True,
         namespace=settings.namespace,
     )
-    if runtime.db is None:  # ServiceRuntime.create always builds it when given a schema
-        raise RuntimeError("trainer-dispatch needs its database")
     dispatch = TrainerDispatch(
-        SqlRunStore(runtime.db, consumer=SERVICE),
+        SqlRunStore(runtime.database, consumer=SERVICE),
         create_backend(settings),
         Scheduler(settings.max_concurrent_runs),
         owner=settings.owner(),

@@ -40,12 +40,10 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
         outbox=True,
         namespace=settings.namespace,
     )
-    if runtime.db is None:  # ServiceRuntime.create always builds it when given a schema
-        raise RuntimeError("validator needs its database")
     storage = ObjectStorage.from_settings(settings.platform)
     registry = ModelRegistry.from_settings(settings.platform)
     validator = Validator(
-        SqlStore(runtime.db, consumer=SERVICE),
+        SqlStore(runtime.database, consumer=SERVICE),
         registry,
         S3SplitReader(
             SnapshotStore(storage, bucket=settings.data_bucket),
