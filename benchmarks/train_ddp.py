@@ -145,7 +145,7 @@ def measure(world_size: int, options: dict[str, Any]) -> Measurement:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=6400, help="MNIST training images")
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--batch-size", type=int, default=128, help="per process")
     parser.add_argument("--steps", type=int, default=150, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements")

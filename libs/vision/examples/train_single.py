@@ -22,7 +22,7 @@ from flywheel_vision.model import DigitNet
 parser = argparse.ArgumentParser()
 parser.add_argument("--limit", type=int, default=5000)
 parser.add_argument("--epochs", type=int, default=3)
-parser.add_argument("--batch-size", type=int, default=64)
+parser.add_argument("--batch-size", type=int, default=128)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 

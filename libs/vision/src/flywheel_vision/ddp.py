@@ -3,7 +3,7 @@
 A single-process training script becomes a DDP one by adding::
 
     dist = ddp.init()
-    model, loader = dist.prepare(model, dataset, batch_size=64, seed=0)
+    model, loader = dist.prepare(model, dataset, batch_size=128, seed=0)
 
 ``init`` reads what ``torchrun`` puts in the environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins the process group: gloo on CPU,

@@ -123,7 +123,7 @@ class TrainConfig(BaseModel):
     base_version: str | None = None
     """Explicit version to start from; wins over ``base_alias`` and must exist."""
     epochs: int = Field(default=3, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     seed: int = 0
     correlation_id: str | None = None
@@ -657,7 +657,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-version", default=None, help="version to start from")
     parser.add_argument("--no-base", action="store_true", help="train from scratch")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--correlation-id", default=None)

@@ -71,7 +71,7 @@ class TrainerDispatchSettings(ServiceSettings):
     epochs: int = Field(default=3, ge=1)
     """Epochs of each training run."""
 
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=128, ge=1)
     """Batch size per training process."""
 
     lr: float = Field(default=1e-3, gt=0)

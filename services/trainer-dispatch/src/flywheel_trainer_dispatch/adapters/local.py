@@ -84,7 +84,7 @@ class TrainingOptions:
     nproc_per_node: int = 1
     threads_per_process: int = 1
     epochs: int = 3
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
     base_alias: str | None = "champion"
