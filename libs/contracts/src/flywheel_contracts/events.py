@@ -335,6 +335,9 @@ class RolloutStepPayload(Payload):
     previous_percent: int = Field(ge=0, le=100)
     metrics: dict[str, float] = Field(default_factory=dict)
     """Analysis of the interval that justified the step."""
+    sequence: int = Field(default=0, ge=0)
+    """Grows with every weight change of a rollout, republications keep it: a BFF applies a
+    step only if its ``(occurred_at, sequence)`` is newer than the weights it holds."""
 
 
 class RolloutStepV1(Event[RolloutStepPayload]):
@@ -352,6 +355,7 @@ class RolloutStepV1(Event[RolloutStepPayload]):
         "traffic_percent": 50,
         "previous_percent": 10,
         "metrics": {"candidate_p95_ms": 12.5, "champion_p95_ms": 12.1},
+        "sequence": 2,
     }
 
 
