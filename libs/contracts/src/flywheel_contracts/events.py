@@ -26,6 +26,19 @@ SLUG = r"^[a-z0-9][a-z0-9-]{0,62}$"
 # --- labels.saved -------------------------------------------------------------------------------
 
 
+class PredictionFeedback(Payload):
+    """A human label that answered a model pre-fill: rollout's quality signal per version."""
+
+    prediction_id: str | None = None
+    """The id the BFF returned with the prediction, when the labeling tool sent it back."""
+    model_version: str | None = None
+    predicted_class: str | None = None
+    class_name: str
+    """The class the labeler chose."""
+    corrected: bool
+    """The labeler changed the model's class."""
+
+
 class LabelsSavedPayload(Payload):
     project_id: str = Field(pattern=SLUG)
     """Project the labels belong to."""
@@ -47,6 +60,8 @@ class LabelsSavedPayload(Payload):
     """Of those, how many changed the model's class: the labelers' correction signal."""
     source: Literal["human", "pseudo", "mixed"] = "human"
     """Who produced the labels."""
+    feedback: list[PredictionFeedback] = Field(default_factory=list)
+    """One entry per human label of the batch that answered a pre-fill."""
 
 
 class LabelsSavedV1(Event[LabelsSavedPayload]):

@@ -31,7 +31,13 @@ from flywheel_contracts.datasets import (
     snapshot_id_for,
     split_for,
 )
-from flywheel_contracts.events import SLUG, LabelsSavedPayload, ProjectConfiguredPayload, TaskType
+from flywheel_contracts.events import (
+    SLUG,
+    LabelsSavedPayload,
+    PredictionFeedback,
+    ProjectConfiguredPayload,
+    TaskType,
+)
 from flywheel_labeling.errors import (
     FieldError,
     ImageFetchFailedError,
@@ -282,6 +288,17 @@ def labels_saved(
             prefilled_count=sum(label.content.prefilled for label in plan.upserts),
             corrected_count=sum(label.content.corrected for label in plan.upserts),
             source="mixed" if len(sources) > 1 else (sources.pop() if sources else "human"),
+            feedback=[
+                PredictionFeedback(
+                    prediction_id=label.content.prediction_id,
+                    model_version=label.content.model_version,
+                    predicted_class=label.content.predicted_class,
+                    class_name=label.content.class_name,
+                    corrected=label.content.corrected,
+                )
+                for label in plan.upserts
+                if label.content.prefilled and label.content.source == "human"
+            ],
         )
     )
 

@@ -433,6 +433,11 @@ async def test_saved_labels_land_in_one_snapshot_with_their_counts(world: World)
     [event] = world.events()
     assert event.payload.snapshot_id == result.snapshot_id
     assert (event.payload.prefilled_count, event.payload.corrected_count) == (2, 1)
+    feedback = sorted(event.payload.feedback, key=lambda f: f.prediction_id or "")
+    assert [(f.prediction_id, f.predicted_class, f.class_name, f.corrected) for f in feedback] == [
+        ("p1", "1", "7", True),
+        ("p2", "3", "3", False),
+    ]
     assert event.payload.snapshot_sequence == 1
     assert sorted(event.payload.label_ids) == sorted(i.label_id for i in result.items)  # type: ignore[type-var]
     assert len(world.images.objects) == 3
