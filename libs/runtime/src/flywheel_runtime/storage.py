@@ -53,7 +53,7 @@ MODELS_BUCKET: Final = "flywheel-models"
 """Exported models (ONNX, ``config.pbtxt``) and MLflow artifacts."""
 
 LOGS_BUCKET: Final = "flywheel-logs"
-"""Training logs and other run by-products."""
+"""Inference log batches (Parquet, partitioned by model line, date and hour)."""
 
 PLATFORM_BUCKETS: Final[frozenset[str]] = frozenset({DATA_BUCKET, MODELS_BUCKET, LOGS_BUCKET})
 """Every bucket the platform expects; created at start-up with ``ensure_buckets``."""
@@ -211,6 +211,15 @@ class ObjectStorage:
     async def get(self, bucket: str, key: str) -> bytes:
         """The object's bytes; ``NotFoundError`` if the key (or bucket) does not exist."""
         return await self._run(lambda: self._get(bucket, key), bucket=bucket, key=key)
+
+    async def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key under ``prefix``, at any depth; ``NotFoundError`` if the bucket is missing."""
+
+        def keys() -> list[str]:
+            found = self._client.list_objects(bucket, prefix=prefix, recursive=True)
+            return [item.object_name for item in found if item.object_name is not None]
+
+        return await self._run(keys, bucket=bucket)
 
     async def exists(self, bucket: str, key: str) -> bool:
         """Whether ``key`` exists in ``bucket``."""
