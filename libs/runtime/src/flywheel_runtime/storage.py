@@ -18,13 +18,14 @@ import contextvars
 import functools
 import hashlib
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from pydantic import BaseModel, ConfigDict
 
@@ -220,6 +221,21 @@ class ObjectStorage:
             return [item.object_name for item in found if item.object_name is not None]
 
         return await self._run(keys, bucket=bucket)
+
+    async def delete_many(self, bucket: str, keys: Sequence[str]) -> None:
+        """Delete ``keys`` (missing ones are fine); ``FlywheelError`` if the store kept any."""
+
+        def call() -> list[str]:
+            # remove_objects is lazy: the deletions happen while its error iterator is consumed.
+            errors = self._client.remove_objects(bucket, (DeleteObject(key) for key in keys))
+            return [f"{error.name}: {error.message}" for error in errors]
+
+        failed = await self._run(call, bucket=bucket)
+        if failed:
+            raise FlywheelError(
+                "object storage kept objects that were to be deleted",
+                details={"bucket": bucket, "failed": failed[:5]},
+            )
 
     async def exists(self, bucket: str, key: str) -> bool:
         """Whether ``key`` exists in ``bucket``."""

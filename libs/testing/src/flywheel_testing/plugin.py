@@ -14,6 +14,7 @@ import pytest
 from flywheel_runtime.topology import Topology
 from flywheel_testing.fixtures_mlflow import mlflow_server, mlflow_tracking_uri
 from flywheel_testing.fixtures_s3 import new_bucket_name, s3_server, storage, unique_bucket
+from flywheel_testing.fixtures_triton import triton_server
 from flywheel_testing.postgres import postgres_server, sqlalchemy_url, throwaway_database
 from flywheel_testing.rabbit import delete_names, rabbit_server, unique_namespace
 
@@ -28,6 +29,7 @@ __all__ = [
     "s3_server",
     "storage",
     "topology",
+    "triton_server",
     "unique_bucket",
 ]
 

@@ -1,0 +1,1 @@
+"""Serving: Triton model repositories built from registered versions, and Triton itself."""

@@ -1,0 +1,132 @@
+import importlib.util
+import json
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+
+from flywheel_serving.repository import ServingOptions, build_model_repository
+from flywheel_testing.serving import digit_model_files, digit_onnx
+from flywheel_vision.preprocess import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+
+
+class FakeTensor:
+    def __init__(self, name: str, array: npt.NDArray[Any]) -> None:
+        self.name = name
+        self.array = array
+
+    def as_numpy(self) -> npt.NDArray[Any]:
+        return self.array
+
+
+class FakeError:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[FakeTensor], error: FakeError | None = None) -> None:
+        self.output_tensors = output_tensors
+        self.error = error
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    """The few names of Triton's ``triton_python_backend_utils`` that ``model.py`` uses."""
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = FakeTensor  # type: ignore[attr-defined]
+    module.TritonError = FakeError  # type: ignore[attr-defined]
+    module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
+    module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
+    module.triton_string_to_numpy = {"TYPE_FP32": np.float32}.__getitem__  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``model.py`` as Triton's stub runs it: from a version folder, with its model config."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    model_dir = build_model_repository(
+        tmp_path,
+        "digits",
+        [digit_model_files("digits", "4", seed=4)],
+        ServingOptions(flavour="python"),
+    )
+    spec = importlib.util.spec_from_file_location("served_model", model_dir / "4" / "model.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    instance = module.TritonPythonModel()
+    config = {  # Triton hands the config over as JSON, 64-bit numbers as strings
+        "name": "digits",
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": ["1", "28", "28"]}],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": ["10"]}],
+        "parameters": {"intra_op_threads": {"string_value": "1"}},
+    }
+    instance.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(model_dir),
+            "model_version": "4",
+        }
+    )
+    yield instance
+    instance.finalize()
+
+
+def _request(batch: npt.NDArray[np.float32]) -> dict[str, FakeTensor]:
+    return {INPUT_NAME: FakeTensor(INPUT_NAME, batch)}
+
+
+def test_requests_run_as_one_batch_and_each_gets_its_own_rows_back(model: Any) -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, *INPUT_SHAPE)).astype(np.float32) for n in (1, 3, 2)]
+    session = ort.InferenceSession(digit_onnx(4), providers=["CPUExecutionProvider"])
+    calls: list[int] = []
+    real_run = model._session.run
+
+    def counting_run(names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        calls.append(len(feeds[INPUT_NAME]))
+        return real_run(names, feeds)  # type: ignore[no-any-return]
+
+    model._session = types.SimpleNamespace(run=counting_run)
+
+    responses = model.execute([_request(batch) for batch in batches])
+
+    assert calls == [6]
+    for batch, response in zip(batches, responses, strict=True):
+        (expected,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        assert response.error is None
+        assert response.output_tensors[0].name == OUTPUT_NAME
+        assert response.output_tensors[0].array.dtype == np.float32
+        assert np.allclose(response.output_tensors[0].array, expected, atol=1e-5)
+
+
+def test_a_bad_request_gets_an_error_and_the_others_their_answers(model: Any) -> None:
+    good = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
+    wrong_shape = np.zeros((1, 1, 28, 27), dtype=np.float32)
+
+    responses = model.execute([{}, _request(good), _request(wrong_shape)])
+
+    assert "input 'image' is missing" in responses[0].error.message
+    assert responses[1].error is None
+    assert responses[1].output_tensors[0].array.shape == (2, 10)
+    assert "expected [N, 1, 28, 28]" in responses[2].error.message
+
+
+def test_an_onnxruntime_failure_fails_every_request_of_the_batch(model: Any) -> None:
+    def fail(names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        raise RuntimeError("out of memory")
+
+    model._session = types.SimpleNamespace(run=fail)
+    batch = np.zeros((1, *INPUT_SHAPE), dtype=np.float32)
+
+    responses = model.execute([_request(batch), _request(batch)])
+
+    assert [r.error.message for r in responses] == ["onnxruntime failed: out of memory"] * 2

@@ -1,0 +1,37 @@
+"""Model versions for serving tests: real ONNX digit classifiers, made in a second, untrained.
+
+Each seed gives other weights, so versions of one model answer differently and a test can
+tell which version served a request. Nothing is trained: the weights are the seeded random
+initialisation, which is all a serving test needs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Final
+
+import torch
+
+from flywheel_clients.registry import ModelFiles
+from flywheel_vision.export import export_onnx
+from flywheel_vision.model import DigitNet
+
+__all__ = ["DIGIT_LABELS", "digit_model_files", "digit_onnx"]
+
+DIGIT_LABELS: Final = tuple(str(digit) for digit in range(10))
+"""Class names of the digit models, in output order."""
+
+
+@functools.cache
+def digit_onnx(seed: int) -> bytes:
+    """ONNX of a ``DigitNet`` whose weights come from ``seed``; cached, exporting takes ~1 s."""
+    # A forked generator: seeding must not change the random stream of the test that asks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitNet(num_classes=len(DIGIT_LABELS))
+    return export_onnx(model)
+
+
+def digit_model_files(name: str, version: str, seed: int) -> ModelFiles:
+    """The files of version ``version`` of model ``name``, as the registry would return them."""
+    return ModelFiles(name=name, version=version, onnx=digit_onnx(seed), labels=list(DIGIT_LABELS))
