@@ -285,8 +285,15 @@ def labels_saved(
             snapshot_sequence=project.head_sequence + 1,
             label_ids=[label.label_id for label in plan.upserts],
             deleted_label_ids=plan.deletes,
-            prefilled_count=sum(label.content.prefilled for label in plan.upserts),
-            corrected_count=sum(label.content.corrected for label in plan.upserts),
+            # Pseudo labels carry their prediction too, but only a human can confirm or correct.
+            prefilled_count=sum(
+                label.content.prefilled and label.content.source == "human"
+                for label in plan.upserts
+            ),
+            corrected_count=sum(
+                label.content.corrected and label.content.source == "human"
+                for label in plan.upserts
+            ),
             source="mixed" if len(sources) > 1 else (sources.pop() if sources else "human"),
             feedback=[
                 PredictionFeedback(

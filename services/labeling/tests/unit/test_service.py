@@ -426,10 +426,20 @@ async def test_saved_labels_land_in_one_snapshot_with_their_counts(world: World)
             _request(0, digit_image(1), "7", prediction_id="p1", predicted_class="1"),
             _request(1, digit_image(2), "3", prediction_id="p2", predicted_class="3"),
             _request(2, digit_image(3), "5"),
+            _request(
+                3,
+                digit_image(4),
+                "4",
+                source="pseudo",
+                prediction_id="p3",
+                predicted_class="4",
+                model_version="2",
+                confidence=0.9,
+            ),
         ],
     )
 
-    assert [i.status for i in result.items] == ["created"] * 3
+    assert [i.status for i in result.items] == ["created"] * 4
     [event] = world.events()
     assert event.payload.snapshot_id == result.snapshot_id
     assert (event.payload.prefilled_count, event.payload.corrected_count) == (2, 1)
@@ -440,9 +450,9 @@ async def test_saved_labels_land_in_one_snapshot_with_their_counts(world: World)
     ]
     assert event.payload.snapshot_sequence == 1
     assert sorted(event.payload.label_ids) == sorted(i.label_id for i in result.items)  # type: ignore[type-var]
-    assert len(world.images.objects) == 3
+    assert len(world.images.objects) == 4
     manifest = await world.snapshots.resolve("digits", event.payload.snapshot_id)
-    assert manifest.class_counts() == {"3": 1, "5": 1, "7": 1}
+    assert manifest.class_counts() == {"3": 1, "4": 1, "5": 1, "7": 1}
     assert world.store.state.projects["digits"].head_snapshot_id == result.snapshot_id
 
 
