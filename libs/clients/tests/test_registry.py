@@ -193,6 +193,25 @@ async def test_optional_files_may_be_missing_but_the_onnx_and_labels_may_not(
     assert (files.state_dict, files.config_pbtxt) == (None, None)
 
 
+async def test_labels_alone_are_downloaded_and_checked(tracking_uri: str, tmp_path: Path) -> None:
+    registry = ModelRegistry(tracking_uri)
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    labelled = _register(tracking_uri, tmp_path, name, _files(["cat", "dog"]))
+    no_labels = _register(tracking_uri, tmp_path, name, {"model.onnx": ONNX})
+    bad_labels = _register(tracking_uri, tmp_path, name, {"labels.json": b'{"classes": []}'})
+
+    labels = await registry.download_labels(name, labelled)
+    with pytest.raises(NotFoundError, match=r"labels\.json"):
+        await registry.download_labels(name, no_labels)
+    with pytest.raises(InvalidInputError, match=r"labels\.json"):
+        await registry.download_labels(name, bad_labels)
+    with pytest.raises(NotFoundError):
+        await registry.download_labels(name, "99")
+
+    assert labels == ["cat", "dog"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 async def test_an_unreachable_registry_is_a_retryable_outage(
     tracking_uri: str, tmp_path: Path
 ) -> None:

@@ -239,6 +239,44 @@ class ModelRegistry:
             functools.partial(self._download, name, version), "download_model_files", name, version
         )
 
+    async def download_labels(self, name: str, version: str) -> list[str]:
+        """Only a version's class names (``labels.json``), without fetching its model files.
+
+        Serving needs the names, not the weights (Triton has those). ``NotFoundError`` when the
+        version or its ``labels.json`` does not exist; ``InvalidInputError`` when the file is
+        not a list of class names.
+        """
+        return await self._run(
+            functools.partial(self._download_labels, name, version),
+            "download_labels",
+            name,
+            version,
+        )
+
+    def _download_labels(self, name: str, version: str) -> list[str]:
+        source = self._client.get_model_version_download_uri(name, version)
+        repository = get_artifact_repository(
+            source, tracking_uri=self._tracking_uri, registry_uri=self._registry_uri
+        )
+        details = {"model": name, "version": version}
+        listed = {Path(item.path).name for item in repository.list_artifacts() if not item.is_dir}
+        if LABELS_FILE not in listed:
+            raise NotFoundError(f"model version artifacts lack {LABELS_FILE}", details=details)
+        with tempfile.TemporaryDirectory(prefix="flywheel-labels-") as tmp:
+            try:
+                local = download_artifacts(
+                    artifact_uri=f"{source.rstrip('/')}/{LABELS_FILE}",
+                    dst_path=tmp,
+                    tracking_uri=self._tracking_uri,
+                    registry_uri=self._registry_uri,
+                )
+            except MlflowException as exc:
+                raise DependencyUnavailableError(
+                    "model registry could not serve an artifact",
+                    details=details | {"file": LABELS_FILE},
+                ) from exc
+            return _labels(Path(local).read_bytes(), details)
+
     def _download(self, name: str, version: str) -> ModelFiles:
         source = self._client.get_model_version_download_uri(name, version)
         repository = get_artifact_repository(

@@ -1,0 +1,1 @@
+"""inference-bff: one predict core behind /predict, /predict/batch and a Label Studio ML backend."""

@@ -1,0 +1,1 @@
+"""Adapters implementing the BFF's ports: Triton, Redis, the broker, S3 and PostgreSQL."""

@@ -1,0 +1,153 @@
+"""``Inference`` on Triton (or any KServe v2 server) through ``tritonclient``'s asyncio clients.
+
+HTTP or gRPC, chosen by settings; tensors travel as binary data either way (HTTP's binary
+extension, gRPC's raw contents), never as JSON number lists. The clients are created on the
+running event loop the first time they are needed (aiohttp and grpc.aio bind to it).
+
+Failures become the platform's errors: no answer → ``InferenceUnavailableError``; Triton saying
+the model or version is unknown or not ready → ``ModelNotReadyError``; past the timeout →
+``InferenceTimeoutError``; anything else Triton refuses → ``ModelUnusableError`` (a deployment
+fault: the served model does not take what its registered files say it takes). Triton's own
+messages go to the log, not to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+import structlog
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.http.aio as httpclient
+from tritonclient.utils import InferenceServerException
+
+from flywheel_inference_bff.errors import (
+    InferenceTimeoutError,
+    InferenceUnavailableError,
+    ModelNotReadyError,
+    ModelUnusableError,
+)
+from flywheel_runtime.errors import FlywheelError
+from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME
+
+log = structlog.get_logger(__name__)
+
+TritonProtocol = Literal["http", "grpc"]
+
+# What Triton says (over HTTP 400 or gRPC NOT_FOUND/UNAVAILABLE) for a model or version that
+# is not loaded: "Request for unknown model: 'm' is not found", "... version 3 is not at ready
+# state", "... has no available versions".
+_NOT_READY_MARKERS = ("unknown model", "not ready", "not at ready state", "no available versions")
+_UNAVAILABLE_STATUSES = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.CANCELLED",
+        "StatusCode.INTERNAL",
+        "StatusCode.UNKNOWN",
+    }
+)
+
+
+class TritonInference:
+    """One Triton endpoint; safe to share across the tasks of one event loop."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        protocol: TritonProtocol = "http",
+        timeout_s: float = 5.0,
+        connections: int = 256,
+    ) -> None:
+        self._url = url
+        self._protocol = protocol
+        self._timeout_s = timeout_s
+        self._connections = connections
+        self._client: httpclient.InferenceServerClient | grpcclient.InferenceServerClient | None
+        self._client = None
+
+    @property
+    def protocol(self) -> TritonProtocol:
+        return self._protocol
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def ready(self) -> None:
+        """Readiness check: Triton answers and says it is ready."""
+        try:
+            ready = await asyncio.wait_for(self._get_client().is_server_ready(), self._timeout_s)
+        except (TimeoutError, InferenceServerException, aiohttp.ClientError, OSError) as error:
+            raise InferenceUnavailableError("inference server is unavailable") from error
+        if not ready:
+            raise InferenceUnavailableError("inference server is not ready")
+
+    async def infer(
+        self, model: str, version: str, images: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]:
+        details = {"model": model, "version": version}
+        client = self._get_client()
+        inputs, outputs = self._tensors(images)
+        try:
+            result = await asyncio.wait_for(
+                client.infer(model, inputs, model_version=version, outputs=outputs),
+                self._timeout_s,
+            )
+        except TimeoutError as error:
+            raise InferenceTimeoutError(
+                f"inference took longer than {self._timeout_s:g}s",
+                retry_after_s=1,
+                details=details,
+            ) from error
+        except InferenceServerException as error:
+            raise _translate(error, details) from error
+        except (aiohttp.ClientError, OSError) as error:
+            raise InferenceUnavailableError(
+                "inference server is unavailable", details=details
+            ) from error
+        logits = result.as_numpy(OUTPUT_NAME)
+        if logits is None:
+            raise ModelUnusableError(f"the model answered no {OUTPUT_NAME!r}", details=details)
+        return np.asarray(logits, dtype=np.float32)
+
+    def _get_client(self) -> httpclient.InferenceServerClient | grpcclient.InferenceServerClient:
+        if self._client is None:
+            if self._protocol == "grpc":
+                self._client = grpcclient.InferenceServerClient(self._url)
+            else:
+                self._client = httpclient.InferenceServerClient(
+                    self._url, conn_limit=self._connections
+                )
+        return self._client
+
+    def _tensors(self, images: npt.NDArray[np.float32]) -> tuple[list[Any], list[Any]]:
+        batch = np.ascontiguousarray(images, dtype=np.float32)
+        if self._protocol == "grpc":
+            grpc_input = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "FP32")
+            grpc_input.set_data_from_numpy(batch)
+            return [grpc_input], [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
+        http_input = httpclient.InferInput(INPUT_NAME, list(batch.shape), "FP32")
+        http_input.set_data_from_numpy(batch, binary_data=True)
+        return [http_input], [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+
+
+def _translate(error: InferenceServerException, details: dict[str, str]) -> FlywheelError:
+    message = str(error.message() or "")
+    status = str(error.status() or "")
+    log.warning("inference server refused a request", status=status, reason=message, **details)
+    lowered = message.lower()
+    if any(marker in lowered for marker in _NOT_READY_MARKERS):
+        return ModelNotReadyError(
+            f"version {details['version']} of {details['model']!r} is not loaded",
+            details=details,
+        )
+    if not status or status in _UNAVAILABLE_STATUSES or (status.isdigit() and int(status) >= 500):
+        return InferenceUnavailableError("inference server failed", details=details)
+    return ModelUnusableError("inference server refused the request", details=details)

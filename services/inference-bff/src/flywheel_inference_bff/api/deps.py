@@ -1,0 +1,157 @@
+"""FastAPI dependencies of the BFF's API, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from collections import OrderedDict
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from flywheel_inference_bff.errors import UnsupportedContentTypeError
+from flywheel_inference_bff.jobs import BatchJobs
+from flywheel_inference_bff.service import Predictor
+from flywheel_inference_bff.settings import BffSettings
+from flywheel_runtime.auth import AuthSettings, Principal, TokenVerifier
+from flywheel_runtime.errors import AuthenticationError, PermissionDeniedError
+
+
+class CachingTokenVerifier(TokenVerifier):
+    """A ``TokenVerifier`` that remembers verified tokens for a short while.
+
+    A client sends the same bearer token with every prediction, so checking its signature once
+    per token rather than once per request takes authentication off the hot path. An entry
+    lives ``max_age_s`` at most and never past the token's own ``exp``.
+    """
+
+    def __init__(
+        self, settings: AuthSettings, *, max_age_s: float = 60.0, max_entries: int = 4096
+    ) -> None:
+        super().__init__(settings)
+        self._max_age_s = max_age_s
+        self._max_entries = max_entries
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    async def verify(self, token: str) -> Principal:
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        principal = await super().verify(token)
+        expires = principal.claims.get("exp")
+        until = now + self._max_age_s
+        if isinstance(expires, int | float):
+            until = min(until, float(expires))
+        self._verified[token] = (principal, until)
+        self._verified.move_to_end(token)
+        while len(self._verified) > self._max_entries:
+            self._verified.popitem(last=False)
+        return principal
+
+
+# Dependencies are coroutines: FastAPI runs plain functions in a worker thread, a thread hop
+# per request for what is an attribute lookup.
+
+
+async def get_predictor(request: Request) -> Predictor:
+    """The predict core ``create_app`` put on the app's state."""
+    return cast(Predictor, request.app.state.predictor)
+
+
+async def get_jobs(request: Request) -> BatchJobs:
+    return cast(BatchJobs, request.app.state.jobs)
+
+
+async def get_settings(request: Request) -> BffSettings:
+    return cast(BffSettings, request.app.state.settings)
+
+
+def _verifier(request: Request) -> TokenVerifier:
+    return cast(TokenVerifier, request.app.state.token_verifier)
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+JobsDep = Annotated[BatchJobs, Depends(get_jobs)]
+SettingsDep = Annotated[BffSettings, Depends(get_settings)]
+
+_bearer = HTTPBearer(auto_error=False, bearerFormat="JWT")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def _with_predict_role(
+    request: Request, credentials: Bearer, settings: BffSettings
+) -> Principal:
+    if credentials is None:
+        if request.headers.get("Authorization"):
+            raise AuthenticationError(
+                "Authorization header must be 'Bearer <token>'",
+                details={"reason": "invalid_scheme"},
+            )
+        raise AuthenticationError("missing bearer token", details={"reason": "missing_token"})
+    principal = await _verifier(request).verify(credentials.credentials)
+    if settings.predict_role not in principal.roles:
+        raise PermissionDeniedError(
+            f"missing required role '{settings.predict_role}'",
+            details={"missing_roles": [settings.predict_role]},
+        )
+    return principal
+
+
+async def require_predict_role(
+    request: Request, credentials: Bearer, settings: SettingsDep
+) -> Principal:
+    """The caller, if their bearer token holds the predict role (401 / 403 otherwise)."""
+    return await _with_predict_role(request, credentials, settings)
+
+
+async def require_label_studio(request: Request, settings: SettingsDep) -> Principal:
+    """Label Studio with its basic-auth credentials, or any caller with the predict role.
+
+    Label Studio's ML backend connection can only send HTTP basic auth, so that is checked
+    against ``label_studio_username``/``label_studio_password`` (an empty password disables it).
+    """
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        credentials = await _bearer(request)
+        return await _with_predict_role(request, credentials, settings)
+    expected = settings.label_studio_password.get_secret_value()
+    if not expected:
+        raise AuthenticationError(
+            "basic auth is disabled: set FLYWHEEL_BFF_LABEL_STUDIO_PASSWORD",
+            details={"reason": "basic_auth_disabled"},
+        )
+    try:
+        username, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError) as error:
+        raise AuthenticationError(
+            "malformed basic credentials", details={"reason": "malformed"}
+        ) from error
+    user_ok = hmac.compare_digest(username.encode(), settings.label_studio_username.encode())
+    password_ok = hmac.compare_digest(password.encode(), expected.encode())
+    if not (user_ok and password_ok):
+        raise AuthenticationError("wrong basic credentials", details={"reason": "bad_credentials"})
+    return Principal(subject=username, username=username, roles=frozenset({"label-studio"}))
+
+
+Predicter = Annotated[Principal, Depends(require_predict_role)]
+"""A caller allowed to predict."""
+LabelStudio = Annotated[Principal, Depends(require_label_studio)]
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def require_json(request: Request) -> None:
+    """415 unless the body is JSON."""
+    if media_type(request) != "application/json":
+        raise UnsupportedContentTypeError(
+            "send application/json",
+            field="content-type",
+            details={"received": media_type(request) or None},
+        )
