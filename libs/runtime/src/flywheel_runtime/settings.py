@@ -117,6 +117,9 @@ def _default(field: FieldInfo) -> str:
         return ""
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (list, dict)):
-        return json.dumps(value) if value else ""
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        # pydantic-settings reads complex values as JSON; a tuple's repr would not parse back.
+        if isinstance(value, (set, frozenset)):
+            value = sorted(value)
+        return json.dumps(value if isinstance(value, dict) else list(value))
     return str(value)

@@ -1,0 +1,1 @@
+"""Adapters implementing the rollout's ports: PostgreSQL, Triton, the broker."""
