@@ -25,6 +25,9 @@ SECTIONS: list[tuple[str, str]] = [
     ("data-monitor", "flywheel_data_monitor.settings:DataMonitorSettings"),
     ("trainer-dispatch", "flywheel_trainer_dispatch.settings:TrainerDispatchSettings"),
     ("validator", "flywheel_validator.settings:ValidatorSettings"),
+    ("inference-bff", "flywheel_inference_bff.settings:BffSettings"),
+    ("inference log worker", "flywheel_inference_bff.logworker.settings:LogWorkerSettings"),
+    ("rollout", "flywheel_rollout.settings:RolloutSettings"),
 ]
 
 TESTS = """\
@@ -59,7 +62,8 @@ def render() -> str:
         for variable, default, description in env_reference(settings):
             for line in textwrap.wrap(description or variable, width=98):
                 lines.append(f"# {line}")
-            lines.append(f"{variable}={default}")
+            # Unset (None) has no env spelling: the line stays commented until given a value.
+            lines.append(f"{variable}={default}" if default else f"# {variable}=")
         lines.append("")
     return "\n".join(lines) + TESTS
 
