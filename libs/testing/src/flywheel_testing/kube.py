@@ -31,8 +31,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Final
 
-import jsonschema  # type: ignore[import-untyped]
-import kubernetes_validate  # type: ignore[import-untyped]
+import jsonschema
+import kubernetes_validate
 from referencing import Registry, Resource
 
 __all__ = [

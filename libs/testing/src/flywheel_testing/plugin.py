@@ -15,6 +15,7 @@ from flywheel_runtime.topology import Topology
 from flywheel_testing.fixtures_mlflow import mlflow_server, mlflow_tracking_uri
 from flywheel_testing.fixtures_s3 import new_bucket_name, s3_server, storage, unique_bucket
 from flywheel_testing.fixtures_triton import triton_server
+from flywheel_testing.kubeapi import kube_api as kube_api
 from flywheel_testing.postgres import postgres_server, sqlalchemy_url, throwaway_database
 from flywheel_testing.rabbit import delete_names, rabbit_server, unique_namespace
 

@@ -3,9 +3,9 @@
 ``RunStore`` is the service's PostgreSQL schema, the source of truth for every run: reads
 outside any lock, and ``transaction()`` for a unit of work in which runs are locked, the
 triggering event claimed and outgoing events queued in the outbox, all committed together.
-``TrainingBackend`` is where training actually happens (a local subprocess today; a
-Kubernetes Job or PyTorchJob later): it launches a run, reports on it, cancels it, and after a
-restart tells what became of a run it launched before.
+``TrainingBackend`` is where training actually happens (a local subprocess, or a Kubernetes
+Job or PyTorchJob): it launches a run, reports on it, cancels it, and after a restart tells
+what became of a run it launched before.
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ class RunSpec(BaseModel):
     registered_model: str
     correlation_id: uuid.UUID
     excluded_label_ids: tuple[uuid.UUID, ...] = ()
+    priority: Priority | None = None
+    """How urgent the run is; a backend that places runs (Kubernetes) decides by it."""
 
 
 class RunHandle(BaseModel):

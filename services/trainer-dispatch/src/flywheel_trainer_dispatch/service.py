@@ -336,6 +336,7 @@ class TrainerDispatch:
             registered_model=run.registered_model,
             correlation_id=run.correlation_id,
             excluded_label_ids=tuple(run.excluded_label_ids),
+            priority=run.priority,
         )
         try:
             handle = await self._backend.launch(spec)

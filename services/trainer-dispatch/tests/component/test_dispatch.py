@@ -17,7 +17,11 @@ from flywheel_contracts.events import ThresholdReason
 from flywheel_runtime.auth import AuthSettings, TokenVerifier, generate_dev_key, issue_dev_token
 from flywheel_runtime.http import install_error_handlers
 from flywheel_runtime.messaging import create_broker
+from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.topology import Topology
+from flywheel_testing.kubeapi import KubeApiServer
+from flywheel_trainer_dispatch.adapters.kubernetes import KubernetesBackend
+from flywheel_trainer_dispatch.adapters.local import TrainingOptions
 from flywheel_trainer_dispatch.api import router
 from flywheel_trainer_dispatch.errors import LaunchError
 from flywheel_trainer_dispatch.handlers import register
@@ -35,6 +39,7 @@ from flywheel_trainer_dispatch.ports import (
 )
 from flywheel_trainer_dispatch.scheduler import Priority, Scheduler
 from flywheel_trainer_dispatch.service import RunRequest, TrainerDispatch
+from flywheel_trainer_dispatch.settings import KubernetesSettings
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 OWNER = "instance-a"
@@ -268,6 +273,25 @@ class Clock:
 # --- harness ------------------------------------------------------------------------------------
 
 
+def threshold_event(
+    line: str = "digits-classifier", reason: ThresholdReason = ThresholdReason.COUNT
+) -> ThresholdReachedV1:
+    return ThresholdReachedV1.model_validate(
+        {
+            "payload": {
+                "project_id": "digits",
+                "model_line": line,
+                "snapshot_id": f"snap-{uuid.uuid4().hex[:8]}",
+                "reason": reason,
+                "decision_id": uuid.uuid4(),
+                "labels_since_last": 100,
+                "threshold": 100,
+                "excluded_label_ids": [uuid.UUID(int=7), uuid.UUID(int=3)],
+            }
+        }
+    )
+
+
 @dataclass
 class Harness:
     store: FakeStore
@@ -280,20 +304,7 @@ class Harness:
     def trigger(
         self, line: str = "digits-classifier", reason: ThresholdReason = ThresholdReason.COUNT
     ) -> ThresholdReachedV1:
-        return ThresholdReachedV1.model_validate(
-            {
-                "payload": {
-                    "project_id": "digits",
-                    "model_line": line,
-                    "snapshot_id": f"snap-{uuid.uuid4().hex[:8]}",
-                    "reason": reason,
-                    "decision_id": uuid.uuid4(),
-                    "labels_since_last": 100,
-                    "threshold": 100,
-                    "excluded_label_ids": [uuid.UUID(int=7), uuid.UUID(int=3)],
-                }
-            }
-        )
+        return threshold_event(line, reason)
 
     async def publish(self, *events: ThresholdReachedV1) -> None:
         for event in events:
@@ -733,3 +744,95 @@ async def test_with_auth_reading_needs_a_token_and_changing_the_operator_role(
     assert forbidden.status_code == 403
     assert accepted.status_code == 202
     assert accepted.json()["requested_by"] == "op-1"
+
+
+# --- the kubernetes backend behind the same use cases -------------------------------------------
+
+
+@dataclass
+class MlflowStub:
+    """Where the kubernetes backend reads results: the versions runs registered."""
+
+    outputs: dict[uuid.UUID, TrainingOutput] = field(default_factory=dict)
+
+    async def result(self, run_id: uuid.UUID) -> TrainingOutput | None:
+        return self.outputs.get(run_id)
+
+    def close(self) -> None:
+        self.outputs.clear()
+
+
+async def test_kubernetes_runs_end_in_model_trained_or_training_failed(
+    kube_api: KubeApiServer,
+) -> None:
+    mlflow = MlflowStub()
+    settings = KubernetesSettings.model_validate(
+        {"connection": {"host": kube_api.url}, "queue_name": None, "namespace": "ml"}
+    )
+    backend = KubernetesBackend(
+        settings, TrainingOptions(), PlatformSettings(), mlflow, timeout_s=600
+    )
+    store = FakeStore()
+    dispatch = TrainerDispatch(
+        store,
+        backend,
+        Scheduler(2),
+        owner=OWNER,
+        registered_model=lambda _project, line: line,
+        timeout_s=600,
+        lost_after_s=60,
+        clock=Clock(),
+    )
+    good, bad = threshold_event("line-a"), threshold_event("line-b")
+    await dispatch.threshold_reached(good)
+    await dispatch.threshold_reached(bad)
+
+    await dispatch.tick()
+    runs = {run.trigger_event_id: run for run in store.runs_.values()}
+    good_run, bad_run = runs[good.event_id], runs[bad.event_id]
+    jobs = {j["metadata"]["name"]: j for j in kube_api.objects("/apis/batch/v1/namespaces/ml/jobs")}
+    assert set(jobs) == {f"flywheel-train-{good_run.run_id}", f"flywheel-train-{bad_run.run_id}"}
+    assert good_run.state is RunState.RUNNING
+    assert good_run.backend == "kubernetes"
+    mlflow.outputs[good_run.run_id] = TrainingOutput(
+        run_id="mlflow-7", model_name="line-a", version="7", metrics={"val_accuracy": 0.9}
+    )
+    kube_api.set_status(
+        f"/apis/batch/v1/namespaces/ml/jobs/flywheel-train-{good_run.run_id}",
+        {"conditions": [{"type": "Complete", "status": "True"}]},
+    )
+    pod = f"flywheel-train-{bad_run.run_id}-x1"
+    kube_api.put(
+        "/api/v1/namespaces/ml/pods",
+        {
+            "metadata": {"name": pod, "labels": {"flywheel.dev/run-id": str(bad_run.run_id)}},
+            "status": {
+                "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]
+            },
+        },
+    )
+    kube_api.set_log("ml", pod, "Traceback\nKeyError: 'label'\n")
+    kube_api.set_status(
+        f"/apis/batch/v1/namespaces/ml/jobs/flywheel-train-{bad_run.run_id}",
+        {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+    )
+    await dispatch.tick()
+
+    [trained] = store.events(ModelTrainedV1)
+    assert trained.payload.training_run_id == good_run.run_id
+    assert (trained.payload.backend, trained.payload.model_version) == ("kubernetes", "7")
+    assert trained.correlation_id == good.correlation_id
+    [failed] = store.events(TrainingFailedV1)
+    assert failed.payload.training_run_id == bad_run.run_id
+    assert (failed.payload.reason, failed.payload.retryable) == (
+        "training exited with code 1",
+        False,
+    )
+    ended = store.runs_[bad_run.run_id]
+    assert ended.exit_code == 1
+    assert ended.log_tail.endswith("KeyError: 'label'")
+    transport = httpx.ASGITransport(app=api_app(dispatch))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        detail = (await client.get(f"/v1/runs/{good_run.run_id}")).json()
+    assert detail["placement"]["decision"]["cluster"] == "default"
+    assert detail["placement"]["inputs"]["priority"] == "threshold"

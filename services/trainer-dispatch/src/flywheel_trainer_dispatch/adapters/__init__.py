@@ -1,1 +1,2 @@
-"""Adapters implementing the trainer dispatch's ports: PostgreSQL tables and the local backend."""
+"""Adapters implementing the trainer dispatch's ports: PostgreSQL tables, the local backend and
+the Kubernetes backend (with its manifests and the MLflow lookup of results)."""

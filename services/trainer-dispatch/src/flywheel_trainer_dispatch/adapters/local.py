@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Final
 
 import structlog
@@ -101,8 +101,8 @@ def build_command(
     options: TrainingOptions,
     *,
     python: str,
-    result_file: Path,
-    excluded_file: Path | None = None,
+    result_file: PurePath,
+    excluded_file: PurePath | None = None,
 ) -> list[str]:
     """The command line of one run; holds ids, paths and hyperparameters, never secrets."""
     if options.nproc_per_node > 1:

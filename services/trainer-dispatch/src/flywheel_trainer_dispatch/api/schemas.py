@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,15 +70,22 @@ class RunOut(BaseModel):
 
 
 class RunDetailOut(RunOut):
-    """A run with the command it runs and the end of its log."""
+    """A run with the command it runs, where it was placed and the end of its log."""
 
     command: list[str] | None
+    placement: dict[str, Any] | None = None
+    """Kubernetes backend: the placement's inputs and decision (cluster, Kueue flavor, why)."""
     log_tail: str
 
     @classmethod
     def build(cls, run: TrainingRun) -> RunDetailOut:
+        placement = ((run.handle or {}).get("details") or {}).get("placement")
         return cls.model_validate(
-            run.model_dump() | {"excluded_label_count": len(run.excluded_label_ids)}
+            run.model_dump()
+            | {
+                "excluded_label_count": len(run.excluded_label_ids),
+                "placement": placement if isinstance(placement, dict) else None,
+            }
         )
 
 
