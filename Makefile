@@ -44,9 +44,16 @@ asyncapi: install
 
 check: lint typecheck test
 
-demo:
-	@echo "make demo runs the whole loop once rollout lands (issue #6); it is not wired yet." >&2
-	@exit 1
+demo: install
+	./scripts/ensure-servers
+	$(BIN)/flywheel demo
+
+up: install
+	./scripts/ensure-servers
+	$(BIN)/flywheel up
+
+down: install
+	$(BIN)/flywheel down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,279 @@
+"""The ``flywheel`` command: run the local stack, look at it, act on rollouts, play the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flywheel_cli.endpoints import stack_urls
+from flywheel_cli.infra import InfraError
+from flywheel_cli.scenarios import SCENARIOS, DemoError, DemoOptions
+from flywheel_cli.services import ACTIONS, Action, ServiceError, Services, TimelineEntry
+from flywheel_cli.settings import CliSettings
+from flywheel_cli.stack import COMPONENTS, Stack, StackError
+from flywheel_cli.state import StateFile, StateFileError
+from flywheel_cli.status import collect_status, render_status
+from flywheel_cli.supervise import StartError
+from flywheel_cli.tokens import NoCredentialsError
+
+app = typer.Typer(
+    name="flywheel",
+    help="Run Flywheel locally, watch its loop, and drive its rollouts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+EXPECTED_ERRORS = (
+    InfraError,
+    StackError,
+    DemoError,
+    StartError,
+    StateFileError,
+    ServiceError,
+    NoCredentialsError,
+    httpx.HTTPError,
+)
+"""Failures with a message that says it all: printed without a traceback, exit code 1."""
+
+
+def console() -> Console:
+    return Console(highlight=False)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    try:
+        yield
+    except EXPECTED_ERRORS as error:
+        err_console().print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from error
+
+
+def settings_of(ctx: typer.Context) -> CliSettings:
+    settings = ctx.obj
+    if not isinstance(settings, CliSettings):
+        raise RuntimeError("the CLI callback did not build the settings")
+    return settings
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    base_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-dir",
+            help="Folder of the local stack (state, logs, data); FLYWHEEL_CLI_BASE_DIR.",
+        ),
+    ] = None,
+) -> None:
+    """Build the settings once for whichever command runs."""
+    settings = CliSettings()
+    if base_dir is not None:
+        settings = settings.model_copy(update={"base_dir": base_dir})
+    ctx.obj = settings
+
+
+def _split(services: str | None) -> list[str] | None:
+    if services is None:
+        return None
+    return [name.strip() for name in services.split(",") if name.strip()]
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    services: Annotated[
+        str | None,
+        typer.Option(
+            "--services",
+            help=f"Comma-separated subset of: {', '.join(COMPONENTS)} (servers they need are "
+            "added).",
+        ),
+    ] = None,
+    free_ports: Annotated[
+        bool, typer.Option("--free-ports", help="Pick free ports instead of the defaults.")
+    ] = False,
+) -> None:
+    """Start S3, MLflow, Triton and the services as local processes; wait until ready."""
+    out = console()
+    settings = settings_of(ctx)
+    with reported_errors():
+        stack = Stack(settings, report=lambda line: out.print(f"  {line}"))
+        out.print(f"[bold]flywheel up[/] in {stack.base}")
+        stack.up(_split(services), pick_free_ports=free_ports)
+        state = StateFile(stack.settings.state_path).load()
+    out.print(f"[green]ready[/]: logs in {stack.base / 'logs'}, state in {stack.state_file.path}")
+    if state is not None:
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("component")
+        table.add_column("url")
+        for name, url in state.urls.items():
+            table.add_row(name, url)
+        out.print(table)
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Stop everything `flywheel up` started (SIGTERM, then SIGKILL after a timeout)."""
+    out = console()
+    with reported_errors():
+        stack = Stack(settings_of(ctx), report=lambda line: out.print(f"  {line}"))
+        results = stack.down()
+    out.print("nothing was running" if not results else "[green]stopped[/]")
+
+
+def run_async(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Processes, queue depths and DLQs, training runs, canaries and champions."""
+    settings = settings_of(ctx)
+    with reported_errors():
+        state = StateFile(settings.state_path).load()
+        report = run_async(collect_status(settings, state))
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        render_status(report, console())
+
+
+def http_client(settings: CliSettings) -> httpx.AsyncClient:
+    """The HTTP client of one command; tests swap it for one with a mock transport."""
+    return httpx.AsyncClient(timeout=settings.http_timeout_s)
+
+
+async def _with_services(settings: CliSettings, call: Callable[[Services], Any]) -> Any:
+    state = StateFile(settings.state_path).load()
+    async with http_client(settings) as client:
+        return await call(Services(settings, stack_urls(settings, state), client))
+
+
+ACTION_HELP: dict[Action, str] = {
+    "promote": "Promote the line's candidate to champion now, skipping the remaining steps.",
+    "rollback": "Roll the line's canary back: all traffic to the champion.",
+    "pause": "Hold the line's canary at its current step; checks stop counting.",
+    "resume": "Resume a paused canary.",
+    "freeze": "Freeze the line: no new canary starts, newly validated versions are refused.",
+    "unfreeze": "Unfreeze the line: validated versions may start canaries again.",
+}
+
+
+def _register_action(action: Action) -> None:
+    def command(
+        ctx: typer.Context,
+        model_line: Annotated[str, typer.Argument(help="Model line (registered model).")],
+        reason: Annotated[
+            str | None, typer.Option("--reason", help="Why; recorded in the timeline.")
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print rollout's answer.")] = False,
+    ) -> None:
+        settings = settings_of(ctx)
+        with reported_errors():
+            answer = run_async(
+                _with_services(settings, lambda s: s.act(model_line, action, reason))
+            )
+        if as_json:
+            typer.echo(json.dumps(answer, indent=2, default=str))
+        else:
+            console().print(f"[green]{action}[/] {model_line}: {_summary(answer)}")
+
+    command.__name__ = action
+    app.command(name=action, help=ACTION_HELP[action])(command)
+
+
+def _summary(answer: Any) -> str:
+    if not isinstance(answer, dict):
+        return str(answer)
+    keys = ("state", "candidate_version", "champion_version", "traffic_percent", "frozen")
+    shown = {k: answer[k] for k in keys if answer.get(k) is not None}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or json.dumps(answer, default=str)
+
+
+for _action in ACTIONS:
+    _register_action(_action)
+
+
+@app.command()
+def timeline(
+    ctx: typer.Context,
+    model_line: Annotated[str, typer.Argument(help="Model line (registered model).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Newest entries.")] = 200,
+) -> None:
+    """The audit timeline of a line: canaries, steps, checks, verdicts, operator actions."""
+    settings = settings_of(ctx)
+    with reported_errors():
+        entries: list[TimelineEntry] = run_async(
+            _with_services(settings, lambda s: s.timeline(model_line, limit))
+        )
+    if as_json:
+        typer.echo(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        return
+    table = Table(title=f"Timeline of {model_line}", title_justify="left")
+    for column in ("at", "kind", "actor", "summary"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(
+            entry.at.astimezone().strftime("%H:%M:%S"), entry.kind, entry.actor, entry.summary
+        )
+    console().print(table)
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    scenario: Annotated[
+        str, typer.Option("--scenario", help=f"One of: {', '.join(SCENARIOS)}.")
+    ] = "normal",
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave the stack running afterwards.")
+    ] = False,
+    free_ports: Annotated[
+        bool, typer.Option("--free-ports", help="Start the stack on free ports if it is down.")
+    ] = False,
+) -> None:
+    """Run the loop end to end on MNIST; the last line printed is one JSON summary.
+
+    Exits 1 when the loop did not answer as the scenario expects (normal: promoted;
+    poisoned: refused by quarantine, validator or canary).
+    """
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"choose one of {', '.join(SCENARIOS)}", param_hint="--scenario")
+    settings = settings_of(ctx)
+    # Imported here: the demo pulls in PyTorch, which no other command needs.
+    from flywheel_cli.demo import run_demo
+
+    with reported_errors():
+        summary = run_demo(
+            settings,
+            DemoOptions(scenario=scenario, keep=keep, free_ports=free_ports),
+            console(),
+        )
+    typer.echo(json.dumps(summary, separators=(", ", ": ")))
+    if not summary.get("expected"):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
