@@ -242,6 +242,8 @@ class ModelTrainedPayload(Payload):
     """Where it ran: local, kubernetes-job, pytorchjob."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Training-side metrics (final loss, validation accuracy …)."""
+    excluded_label_ids: list[uuid.UUID] = Field(default_factory=list)
+    """Quarantined labels the run left out; the validator leaves them out of its test split."""
 
 
 class ModelTrainedV1(Event[ModelTrainedPayload]):

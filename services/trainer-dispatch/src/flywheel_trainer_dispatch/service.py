@@ -535,6 +535,7 @@ def _outcome(run: TrainingRun, output: TrainingOutput | None) -> Event[Any]:
                     base_model_version=output.base_version,
                     backend=run.backend,
                     metrics=dict(output.metrics),
+                    excluded_label_ids=list(run.excluded_label_ids),
                 )
             }
         )

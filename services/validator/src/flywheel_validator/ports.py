@@ -92,9 +92,11 @@ class Registry(Protocol):
 class SplitReader(Protocol):
     """Held-out data of dataset snapshots."""
 
-    async def test_split(self, project_id: str, snapshot_id: str) -> HeldOutSplit:
-        """``NotFoundError`` when the snapshot or an image is missing; ``DependencyUnavailable``
-        while S3 is away."""
+    async def test_split(
+        self, project_id: str, snapshot_id: str, *, excluded: frozenset[uuid.UUID] = frozenset()
+    ) -> HeldOutSplit:
+        """The TEST split without the ``excluded`` (quarantined) labels; ``NotFoundError`` when
+        the snapshot or an image is missing; ``DependencyUnavailable`` while S3 is away."""
         ...
 
 

@@ -217,7 +217,11 @@ class Validator:
             )
         champion = await self._registry.get_alias(name, self._champion_alias)
         try:
-            split = await self._splits.test_split(trained.project_id, trained.snapshot_id)
+            split = await self._splits.test_split(
+                trained.project_id,
+                trained.snapshot_id,
+                excluded=frozenset(trained.excluded_label_ids),
+            )
         except NotFoundError as error:
             return Assessment.failed(
                 f"test split of snapshot {trained.snapshot_id} unreadable ({error.message}): fail"

@@ -154,9 +154,13 @@ class FakeSplits:
     missing: bool = False
     undecodable: int = 0
     read: list[tuple[str, str]] = field(default_factory=list)
+    excluded: list[frozenset[uuid.UUID]] = field(default_factory=list)
 
-    async def test_split(self, project_id: str, snapshot_id: str) -> HeldOutSplit:
+    async def test_split(
+        self, project_id: str, snapshot_id: str, *, excluded: frozenset[uuid.UUID] = frozenset()
+    ) -> HeldOutSplit:
         self.read.append((project_id, snapshot_id))
+        self.excluded.append(excluded)
         if self.missing:
             raise NotFoundError("object not found")
         images = [LabeledImage(class_name=str(i % 10), data=b"png") for i in range(self.images)]
@@ -563,3 +567,17 @@ async def test_read_api_lists_by_model_line_and_reads_one(harness: Harness) -> N
     assert unknown.json()["error"]["code"] == "validation_not_found"
     assert not_a_uuid.status_code == 422
     assert bad_line.status_code == 422
+
+
+async def test_labels_the_run_left_out_are_left_out_of_the_test_split(harness: Harness) -> None:
+    harness.registry.add("1")
+    harness.evaluator.scores["1"] = score()
+    quarantined = [uuid.uuid4(), uuid.uuid4()]
+    event = harness.trained("1")
+    event = event.model_copy(
+        update={"payload": event.payload.model_copy(update={"excluded_label_ids": quarantined})}
+    )
+
+    await harness.publish(event)
+
+    assert harness.splits.excluded == [frozenset(quarantined)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from flywheel_contracts.datasets import ManifestEntry, Split
 from flywheel_runtime.datasets import SnapshotStore
@@ -32,9 +33,14 @@ class S3SplitReader:
         self._bucket = bucket
         self._concurrency = concurrency
 
-    async def test_split(self, project_id: str, snapshot_id: str) -> HeldOutSplit:
+    async def test_split(
+        self, project_id: str, snapshot_id: str, *, excluded: frozenset[uuid.UUID] = frozenset()
+    ) -> HeldOutSplit:
         manifest = await self._snapshots.resolve(project_id, snapshot_id)
-        entries = [e for e in manifest.entries if e.split is Split.TEST]
+        # Quarantined labels are suspect: judging a model by them would reward learning them.
+        entries = [
+            e for e in manifest.entries if e.split is Split.TEST and e.label_id not in excluded
+        ]
         gate = asyncio.Semaphore(self._concurrency)
 
         async def fetch(entry: ManifestEntry) -> bytes:
