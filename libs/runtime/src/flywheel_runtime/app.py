@@ -165,7 +165,17 @@ def fastapi_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title=title, version=version, lifespan=lifespan)
+    app = FastAPI(
+        title=title,
+        version=version,
+        lifespan=lifespan,
+        # FastAPI's own request spans would otherwise go to the global provider, which is
+        # another service's when several share a process (tests, the local demo).
+        telemetry={
+            "tracer_provider": runtime.telemetry.tracer_provider,
+            "meter_provider": runtime.telemetry.meter_provider,
+        },
+    )
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(ops_router(runtime.checks, runtime.telemetry.registry))

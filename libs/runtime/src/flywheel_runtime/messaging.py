@@ -17,12 +17,14 @@ from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+from opentelemetry import context as otel_context
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from flywheel_contracts import Event
 from flywheel_runtime.errors import FlywheelError
+from flywheel_runtime.telemetry import TRACE_CONTEXTS
 from flywheel_runtime.topology import Topology
 
 log = structlog.get_logger(__name__)
@@ -87,6 +89,20 @@ class LogContextMiddleware(BaseMiddleware):
             return await call_next(msg)
 
 
+class TraceMemoryMiddleware(BaseMiddleware):
+    """Remembers the consumer span's context under the message's correlation id, so events
+    a background loop emits later for the same correlation id continue its trace."""
+
+    async def consume_scope(
+        self,
+        call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
+        msg: StreamMessage[Any],
+    ) -> Any:
+        if msg.correlation_id:
+            TRACE_CONTEXTS.remember(msg.correlation_id, otel_context.get_current())
+        return await call_next(msg)
+
+
 def _delivery_count(msg: StreamMessage[Any]) -> int:
     headers = msg.raw_message.headers or {}
     count = headers.get("x-delivery-count", 0)
@@ -107,7 +123,10 @@ def create_broker(
     Middleware order matters: telemetry is outermost so a dead-lettered message still gets its
     span; the error mapping is innermost so it sees the handler's own exception.
     """
-    middlewares: list[Any] = [RabbitTelemetryMiddleware(tracer_provider=tracer_provider)]
+    middlewares: list[Any] = [
+        RabbitTelemetryMiddleware(tracer_provider=tracer_provider),
+        TraceMemoryMiddleware,
+    ]
     if metrics_registry is not None:
         middlewares.append(RabbitPrometheusMiddleware(registry=metrics_registry, app_name=app_id))
     middlewares += [LogContextMiddleware, *extra_middlewares, ErrorToAckMiddleware]

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flywheel_contracts import Event
 from flywheel_runtime.db import OUTBOX_DIRTY, Database
+from flywheel_runtime.telemetry import TRACE_CONTEXTS
 from flywheel_runtime.topology import Topology
 
 log = structlog.get_logger(__name__)
@@ -70,10 +71,14 @@ async def add_event(session: AsyncSession, event: Event[Any]) -> None:
     """Queue ``event`` for publishing in the caller's transaction.
 
     The current trace context is stored with it, so the consumer's span joins the trace of the
-    request that caused the event even though a relay publishes it later.
+    request that caused the event even though a relay publishes it later. Outside any span (a
+    background loop's work) it is the context its correlation id was last consumed under.
     """
     headers: dict[str, str] = {}
-    propagate.inject(headers)
+    context = None
+    if not trace.get_current_span().get_span_context().is_valid:
+        context = TRACE_CONTEXTS.recall(str(event.correlation_id))
+    propagate.inject(headers, context=context)
     session.info[OUTBOX_DIRTY] = True
     await session.execute(
         outbox.insert().values(

@@ -1,14 +1,20 @@
 """OpenTelemetry tracer and meter providers, and the Prometheus registry, for one service.
 
 Traces cross the broker in AMQP headers (W3C trace context, written by FastStream's telemetry
-middleware and by the outbox), so one trace follows a batch of labels through the loop.
+middleware and by the outbox), so one trace follows a batch of labels through the loop. Work
+that a background loop does later for an event (a canary's steps and verdict) runs outside any
+span: ``TRACE_CONTEXTS`` remembers the context each correlation id was last consumed under, and
+the outbox publishes such events under it.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -73,3 +79,30 @@ def setup_telemetry(
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
     return Telemetry(tracer_provider, meter_provider, CollectorRegistry())
+
+
+class TraceContexts:
+    """The trace context each correlation id was last handled under in this process (bounded,
+    oldest forgotten first); lost on restart, when later events start a trace of their own."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._contexts: OrderedDict[str, Context] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, correlation_id: str, context: Context) -> None:
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            return
+        with self._lock:
+            self._contexts[correlation_id] = context
+            self._contexts.move_to_end(correlation_id)
+            while len(self._contexts) > self._size:
+                self._contexts.popitem(last=False)
+
+    def recall(self, correlation_id: str) -> Context | None:
+        with self._lock:
+            return self._contexts.get(correlation_id)
+
+
+TRACE_CONTEXTS = TraceContexts()
+"""Filled by the broker's consumers, read by the outbox for events written outside a span."""
