@@ -67,6 +67,8 @@ class Clock:
 class State:
     canaries: dict[uuid.UUID, Canary] = field(default_factory=dict)
     windows: dict[tuple[uuid.UUID, int, str], Window] = field(default_factory=dict)
+    window_locks: list[str] = field(default_factory=list)
+    """Versions whose windows were read for update, in order."""
     recent: dict[tuple[uuid.UUID, str, str], tuple[str, datetime]] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -144,6 +146,7 @@ class FakeTransaction:
         return found.interval_index
 
     async def window(self, rollout_id: uuid.UUID, interval: int, version: str) -> Window:
+        self.state.window_locks.append(version)
         found = self.state.windows.get((rollout_id, interval, version))
         return Window() if found is None else found.model_copy(deep=True)
 

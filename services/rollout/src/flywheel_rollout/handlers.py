@@ -13,7 +13,7 @@ import contextlib
 import time
 
 import structlog
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import Channel, RabbitBroker
 
 from flywheel_contracts import (
     CanaryVerdictV1,
@@ -33,8 +33,11 @@ from flywheel_runtime.topology import Topology
 log = structlog.get_logger(__name__)
 
 
-def register(broker: RabbitBroker, topology: Topology, rollout: Rollout) -> None:
-    """Subscribe the rollout to its events and document what it publishes."""
+def register(
+    broker: RabbitBroker, topology: Topology, rollout: Rollout, *, log_prefetch: int = 8
+) -> None:
+    """Subscribe the rollout to its events and document what it publishes; at most
+    ``log_prefetch`` inference logs are handled at once."""
 
     @broker.subscriber(
         topology.queue(SERVICE, ModelValidatedV1),
@@ -53,6 +56,7 @@ def register(broker: RabbitBroker, topology: Topology, rollout: Rollout) -> None
     @broker.subscriber(
         topology.queue(SERVICE, InferenceLoggedV1),
         topology.exchange_for(InferenceLoggedV1),
+        channel=Channel(prefetch_count=log_prefetch),
         title=f"{SERVICE}.{InferenceLoggedV1.routing_key()}:consume",
         description=(
             "Counts each request of a version in canary (errors, latency histogram, agreement "

@@ -7,12 +7,15 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
+from flywheel_clients.kubernetes import KubeObjects
 from flywheel_clients.registry import ModelRegistry
 from flywheel_rollout.adapters.bus import BrokerBus
+from flywheel_rollout.adapters.kserve import KServeServing, register_steps
 from flywheel_rollout.adapters.repository import SqlStore
 from flywheel_rollout.adapters.triton import TritonServing
 from flywheel_rollout.api import router
 from flywheel_rollout.handlers import Driver, register
+from flywheel_rollout.ports import Serving
 from flywheel_rollout.service import Rollout
 from flywheel_rollout.settings import SERVICE, RolloutSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
@@ -47,11 +50,27 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
         namespace=settings.namespace,
     )
     registry = ModelRegistry.from_settings(settings.platform)
-    control = TritonControl(settings.platform.triton_url, timeout=settings.triton_timeout_s)
+    serving: Serving
+    if settings.backend == "kserve":
+        kserve = KServeServing(
+            KubeObjects(settings.kserve.connection),
+            registry,
+            settings.kserve,
+            champion_alias=settings.champion_alias,
+            challenger_alias=settings.challenger_alias,
+        )
+        # KServe splits the traffic: the rollout applies its own rollout.step events to it.
+        register_steps(runtime.broker, runtime.topology, kserve)
+        runtime.on_stop.append(kserve.close)
+        serving = kserve
+    else:
+        control = TritonControl(settings.platform.triton_url, timeout=settings.triton_timeout_s)
+        runtime.on_stop.append(control.close)
+        serving = TritonServing(registry, control, settings.repository_dir, settings.serving)
     rollout = Rollout(
         SqlStore(runtime.database, consumer=SERVICE),
         registry,
-        TritonServing(registry, control, settings.repository_dir, settings.serving),
+        serving,
         BrokerBus(runtime.broker, runtime.topology),
         default_policy=settings.default_policy,
         project_policies=settings.project_policies,
@@ -63,11 +82,10 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
         log_claims_s=settings.log_claims_s,
         live_cache_s=settings.tick_s,
     )
-    register(runtime.broker, runtime.topology, rollout)
+    register(runtime.broker, runtime.topology, rollout, log_prefetch=settings.log_prefetch)
     # MLflow and Triton stay out of readiness on purpose: a rollback needs neither, and an
     # operator must reach the API exactly when they are in trouble.
-    # Stop hooks run last-added first: the driver stops before the Triton client closes.
-    runtime.on_stop.append(control.close)
+    # Stop hooks run last-added first: the driver stops before the serving client closes.
     driver = Driver(rollout, settings.tick_s, settings.republish_s)
     runtime.on_start.append(driver.start)
     runtime.on_stop.append(driver.stop)

@@ -308,17 +308,17 @@ class Rollout:
                 return
             for canary in await tx.project_canaries(saved.project_id):
                 versions = {canary.candidate_version, canary.champion_version}
-                touched: dict[str, Window] = {}
+                answers: dict[str, list[bool]] = {}
                 for feedback in answered:
                     version = feedback.model_version
-                    if version is None or version not in versions:
-                        continue
-                    if version not in touched:
-                        touched[version] = await tx.window(
-                            canary.rollout_id, canary.interval_index, version
-                        )
-                    touched[version].add_feedback(corrected=feedback.corrected)
-                for version, window in touched.items():
+                    if version is not None and version in versions:
+                        answers.setdefault(version, []).append(feedback.corrected)
+                # Windows are locked in one order whatever the batch's order: two batches
+                # answering both versions must not wait on each other (a deadlock).
+                for version in sorted(answers):
+                    window = await tx.window(canary.rollout_id, canary.interval_index, version)
+                    for corrected in answers[version]:
+                        window.add_feedback(corrected=corrected)
                     await tx.save_window(canary.rollout_id, canary.interval_index, version, window)
 
     async def threshold_reached(self, event: ThresholdReachedV1) -> None:

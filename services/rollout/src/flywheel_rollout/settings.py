@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
+from flywheel_clients.kubernetes import KubeConnection
 from flywheel_clients.registry import CHALLENGER, CHAMPION
 from flywheel_rollout.policy import CanaryPolicy
 from flywheel_runtime.auth import AuthSettings
@@ -16,6 +17,59 @@ from flywheel_serving.repository import ServingOptions
 
 SERVICE = "rollout"
 """Service name: queue prefix, idempotency consumer, telemetry resource."""
+
+
+class KServeSettings(BaseModel):
+    """Where the ``InferenceService`` of each registered model lives and what it serves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    connection: KubeConnection = Field(default_factory=KubeConnection)
+    """How to reach the cluster's API server (in-cluster service account, kubeconfig, or a
+    plain ``host``)."""
+
+    namespace: str = Field(default="flywheel", pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    """Namespace of the InferenceServices."""
+
+    services: dict[str, str] = Field(default_factory=dict)
+    """InferenceService name per registered model (one registered model per model line);
+    models not listed get ``name_template``."""
+
+    name_template: str = "{registered_model}"
+    """InferenceService name of a registered model not in ``services``."""
+
+    storage_uri_template: str = "s3://flywheel-models/kserve/{registered_model}/{version}/"
+    """``storageUri`` of one registered version: a Triton model repository holding
+    ``<registered_model>/config.pbtxt`` and that version's folder, as
+    ``flywheel_serving.repository.upload_repository`` writes it under this prefix."""
+
+    readiness_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest a change may take to be ready (a revision scheduled, pulled and started)
+    before the tick gives up and tries again later."""
+
+    poll_s: float = Field(default=2.0, gt=0)
+    """How often readiness is read while waiting for it."""
+
+    model_format: Literal["triton", "onnx"] = "triton"
+    """Model format of an InferenceService this service has to create."""
+
+    runtime: str | None = None
+    """ServingRuntime of a created InferenceService; unset: KServe picks one."""
+
+    service_account: str | None = None
+    """Service account (with the S3 credentials) of a created InferenceService."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Smallest replica count of a created InferenceService."""
+
+    cpu: str = "1"
+    """CPU request and limit of a created InferenceService."""
+
+    memory: str = "2Gi"
+    """Memory request and limit of a created InferenceService."""
+
+    gpus: int = Field(default=0, ge=0)
+    """GPUs of a created InferenceService."""
 
 
 class RolloutSettings(ServiceSettings):
@@ -54,9 +108,14 @@ class RolloutSettings(ServiceSettings):
     """Per-project overrides by project id; fields an override leaves out keep the defaults
     (``FLYWHEEL_ROLLOUT_PROJECT_POLICIES__<project>__INTERVAL_S=30``, or JSON)."""
 
-    backend: Literal["triton"] = "triton"
+    backend: Literal["triton", "kserve"] = "triton"
     """How versions are served and traffic split: ``triton`` (this service loads versions
-    into Triton, the BFF splits traffic by the weights in ``rollout.step``)."""
+    into Triton, the BFF splits traffic by the weights in ``rollout.step``) or ``kserve``
+    (each step sets ``canaryTrafficPercent`` on the model's InferenceService, which splits the
+    traffic itself; ``rollout.step`` is still published)."""
+
+    kserve: KServeSettings = Field(default_factory=KServeSettings)
+    """The InferenceServices of the ``kserve`` backend."""
 
     repository_dir: Path = Path("rollout-model-repository")
     """Triton model repository this service writes (Triton must read the same folder)."""
@@ -93,6 +152,11 @@ class RolloutSettings(ServiceSettings):
     """``error_code`` values of ``inference.logged`` that mean the serving stack, not the
     model, failed (the BFF's codes for Triton away, timing out, or not serving a version).
     They excuse an interval only when most requests of both versions failed with them."""
+
+    log_prefetch: int = Field(default=8, ge=1)
+    """``inference.logged`` messages handled at once (the AMQP prefetch of its queue). Each takes
+    a database connection; unbounded, a burst of logs takes them all and the canaries' checks
+    wait for one."""
 
     log_claims_s: float = Field(default=3600.0, gt=0)
     """How long the ids of handled ``inference.logged`` events are kept against redelivery."""

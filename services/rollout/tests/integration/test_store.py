@@ -1,3 +1,4 @@
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from flywheel_rollout.policy import CanaryPolicy
 from flywheel_rollout.ports import Canary, CanaryFilter, CanaryState, TimelineEntry
 from flywheel_runtime.db import Database
 from flywheel_runtime.migrations import migrate
+from flywheel_testing.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +152,49 @@ async def test_timeline_entries_of_an_unknown_project_join_its_line_once_learned
     assert [e.kind for e in entries] == ["labels.saved", "labels.saved"]
     assert entries[0].entry_id is not None
     assert entries[0].entry_id < (entries[1].entry_id or 0)
+
+
+async def test_a_decision_waiting_for_its_canary_is_not_overtaken_by_later_logs(
+    store: SqlStore, db: Database
+) -> None:
+    running = canary()
+    async with store.transaction() as tx:
+        await tx.add_canary(running)
+    order: list[str] = []
+    logging = asyncio.Event()
+    release = asyncio.Event()
+
+    async def log(name: str, *, hold: bool = False) -> None:
+        async with store.transaction() as tx:
+            assert await tx.open_interval(running.rollout_id) == 0
+            order.append(name)
+            logging.set()
+            if hold:
+                await release.wait()
+
+    async def decide() -> None:
+        async with store.transaction() as tx:
+            assert await tx.lock_canary(running.rollout_id) is not None
+            order.append("decision")
+
+    async def waiting(count: int) -> bool:
+        async with db.transaction() as session:
+            found = await session.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+            return int(found.scalar_one()) >= count
+
+    first = asyncio.create_task(log("first log", hold=True))
+    await wait_for(logging.wait, timeout=10)
+    decision = asyncio.create_task(decide())
+    await wait_for(lambda: waiting(1), timeout=10, message="the decision waiting")
+    later = asyncio.create_task(log("later log"))
+    await wait_for(
+        lambda: waiting(2) if not later.done() else _true(), timeout=10, message="the later log"
+    )
+    release.set()
+    await asyncio.gather(first, decision, later)
+
+    assert order == ["first log", "decision", "later log"]
+
+
+async def _true() -> bool:
+    return True

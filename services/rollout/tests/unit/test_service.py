@@ -477,6 +477,21 @@ async def test_labelers_correcting_the_candidate_more_often_fail_its_checks() ->
     assert check.candidate_feedback.prefilled == 6
 
 
+async def test_feedback_locks_the_versions_windows_in_one_order_whatever_the_batch_order() -> None:
+    h = harness()
+    await running(h)
+
+    h.store.state.window_locks.clear()
+    await h.rollout.labels_saved(labels([("2", True), ("1", False), ("2", False)]))
+    await h.rollout.labels_saved(labels([("1", True), ("2", False)]))
+
+    assert h.store.state.window_locks == ["1", "2", "1", "2"]
+    await healthy_interval(h)
+    [check] = h.store.state.checks
+    assert (check.candidate_feedback.prefilled, check.candidate_feedback.corrected) == (3, 1)
+    assert (check.champion_feedback.prefilled, check.champion_feedback.corrected) == (2, 1)
+
+
 async def test_versions_disagreeing_on_shared_inputs_fail_the_agreement_check() -> None:
     h = harness()
     await running(h)

@@ -1,6 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
+from flywheel_rollout.main import create_app
 from flywheel_rollout.policy import CanaryPolicy, policy_for
 from flywheel_rollout.settings import RolloutSettings
 
@@ -58,3 +59,15 @@ def test_a_misspelt_policy_field_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
 
     with pytest.raises(ValidationError, match="treshold"):
         RolloutSettings()
+
+
+def test_inference_logs_are_handled_a_bounded_number_at_a_time() -> None:
+    app = create_app(RolloutSettings(log_prefetch=3))
+
+    prefetch = {
+        subscriber.queue.name: subscriber.channel.prefetch_count
+        for subscriber in app.state.runtime.broker.subscribers
+        if subscriber.channel is not None
+    }
+
+    assert prefetch == {"rollout.inference.logged": 3}

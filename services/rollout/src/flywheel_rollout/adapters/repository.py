@@ -2,8 +2,11 @@
 idempotency claim.
 
 Locks: a decision locks its canary's row (``FOR UPDATE``); an inference log share-locks it while
-it adds to the open interval, so a check never misses a log it should have judged. Admissions
-and starts of one line serialize on a transaction-level advisory lock, and a partial unique
+it adds to the open interval, so a check never misses a log it should have judged. Both first
+take a transaction-level advisory lock on the schema's canaries, exclusive for a decision and
+shared for a log: PostgreSQL queues advisory locks in order, whereas a steady stream of logs
+share-locking the row would keep a decision waiting for as long as the traffic lasts.
+Admissions and starts of one line serialize on another advisory lock, and a partial unique
 index allows one canary in progress per line whatever happens.
 """
 
@@ -110,6 +113,14 @@ class SqlTransaction:
             .values({**values, "updated_at": func.now()})
         )
 
+    async def _lock_decisions(self, *, shared: bool = False) -> None:
+        """The advisory lock that queues decisions and logs fairly (see the module's doc)."""
+        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        await self._session.execute(
+            text(f"SELECT {function}(hashtext(:key))"),
+            {"key": f"{self._lock_prefix}:canaries"},
+        )
+
     async def lock_canary(self, rollout_id: uuid.UUID) -> Canary | None:
         return await self._canary(canaries.c.rollout_id == rollout_id)
 
@@ -119,6 +130,7 @@ class SqlTransaction:
         )
 
     async def waiting_canaries(self, model_line: str) -> list[Canary]:
+        await self._lock_decisions()
         rows = await self._session.execute(
             select(canaries)
             .where(
@@ -134,6 +146,7 @@ class SqlTransaction:
         return await self._canary(canaries.c.validated_event_id == validated_event_id)
 
     async def open_interval(self, rollout_id: uuid.UUID) -> int | None:
+        await self._lock_decisions(shared=True)
         row = (
             await self._session.execute(
                 select(canaries.c.state, canaries.c.interval_index)
@@ -292,6 +305,7 @@ class SqlTransaction:
         return [_model(Canary, canaries, row._mapping) for row in rows]
 
     async def _canary(self, *conditions: ColumnElement[bool]) -> Canary | None:
+        await self._lock_decisions()
         row = (
             await self._session.execute(select(canaries).where(*conditions).with_for_update())
         ).first()
