@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,7 @@ def _fake_pb_utils() -> types.ModuleType:
     return module
 
 
-@pytest.fixture
-def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def _load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``model.py`` as Triton's stub runs it: from a version folder, with its model config."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     model_dir = build_model_repository(
@@ -72,12 +72,25 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     instance.initialize(
         {
             "model_config": json.dumps(config),
+            "model_name": "digits",
             "model_repository": str(model_dir),
             "model_version": "4",
         }
     )
+    return instance
+
+
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    instance = _load(tmp_path, monkeypatch)
     yield instance
     instance.finalize()
+
+
+def _faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: dict[str, Any]) -> None:
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps(faults))
+    monkeypatch.setenv("FLYWHEEL_SERVING_FAULTS", str(path))
 
 
 def _request(batch: npt.NDArray[np.float32]) -> dict[str, FakeTensor]:
@@ -130,3 +143,54 @@ def test_an_onnxruntime_failure_fails_every_request_of_the_batch(model: Any) -> 
     responses = model.execute([_request(batch), _request(batch)])
 
     assert [r.error.message for r in responses] == ["onnxruntime failed: out of memory"] * 2
+
+
+def _reference(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    session = ort.InferenceSession(digit_onnx(4), providers=["CPUExecutionProvider"])
+    (expected,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+    return np.asarray(expected)
+
+
+def test_no_fault_is_injected_unless_the_environment_names_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLYWHEEL_SERVING_FAULTS", raising=False)
+    model = _load(tmp_path, monkeypatch)
+    batch = np.random.default_rng(1).standard_normal((2, *INPUT_SHAPE)).astype(np.float32)
+
+    [response] = model.execute([_request(batch)])
+
+    assert model._delay_s == 0
+    assert not model._shuffle
+    assert np.allclose(response.output_tensors[0].array, _reference(batch), atol=1e-5)
+
+
+def test_a_faulty_version_answers_late_with_its_classes_rotated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _faults(tmp_path, monkeypatch, {"digits:4": {"delay_ms": 60, "shuffle": True}})
+    model = _load(tmp_path, monkeypatch)
+    batch = np.random.default_rng(2).standard_normal((3, *INPUT_SHAPE)).astype(np.float32)
+
+    started = time.perf_counter()
+    [response] = model.execute([_request(batch)])
+    elapsed = time.perf_counter() - started
+
+    assert elapsed >= 0.06
+    answered = response.output_tensors[0].array
+    expected = _reference(batch)
+    assert np.allclose(answered, np.roll(expected, 1, axis=-1), atol=1e-5)
+    assert (answered.argmax(axis=1) != expected.argmax(axis=1)).all()
+
+
+def test_versions_the_fault_file_does_not_name_serve_normally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _faults(tmp_path, monkeypatch, {"digits:5": {"delay_ms": 5000, "shuffle": True}})
+    model = _load(tmp_path, monkeypatch)
+    batch = np.zeros((1, *INPUT_SHAPE), dtype=np.float32)
+
+    [response] = model.execute([_request(batch)])
+
+    assert model._delay_s == 0
+    assert np.allclose(response.output_tensors[0].array, _reference(batch), atol=1e-5)

@@ -5,11 +5,21 @@ ONNX Runtime backend). It imports nothing from Flywheel: the stub process runs i
 the environment's third-party packages, and tensor names and thread counts come from the
 model's ``config.pbtxt``. One ``execute`` call gets every request the dynamic batcher
 gathered; they run as one onnxruntime call, which is the point of batching.
+
+Fault injection, for canary and fault tests only and off unless asked for: when the server's
+environment names a JSON file in ``FLYWHEEL_SERVING_FAULTS``, an entry keyed
+``"<model>:<version>"`` makes that version misbehave from the moment it is loaded:
+``{"delay_ms": 300}`` answers every ``execute`` that much later (slow), ``{"shuffle": true}``
+rotates the output classes by one, so each answer names the wrong class (wrong). The file is
+read once, at ``initialize``; versions it does not name, and every version when the variable is
+unset, serve normally.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +30,7 @@ import triton_python_backend_utils as pb_utils
 
 ONNX_FILE = "model.onnx"
 THREADS_PARAMETER = "intra_op_threads"
+FAULTS_ENV = "FLYWHEEL_SERVING_FAULTS"
 
 
 class TritonPythonModel:
@@ -40,8 +51,14 @@ class TritonPythonModel:
         self._session = ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
+        name = args.get("model_name") or config.get("name", "")
+        fault = _fault(f"{name}:{args['model_version']}")
+        self._delay_s = float(fault.get("delay_ms", 0)) / 1000
+        self._shuffle = bool(fault.get("shuffle", False))
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self._delay_s > 0:
+            time.sleep(self._delay_s)
         responses: list[Any] = [None] * len(requests)
         batches: list[npt.NDArray[np.float32]] = []
         accepted: list[int] = []
@@ -70,6 +87,8 @@ class TritonPythonModel:
                 responses[index] = _error(f"onnxruntime failed: {exc}")
             return responses
         logits = np.asarray(logits, dtype=self._output_dtype)
+        if self._shuffle:
+            logits = np.roll(logits, 1, axis=-1)
         bounds = np.cumsum([len(batch) for batch in batches])[:-1]
         for index, part in zip(accepted, np.split(logits, bounds), strict=True):
             output = pb_utils.Tensor(self._output_name, np.ascontiguousarray(part))
@@ -78,6 +97,15 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._session = None
+
+
+def _fault(key: str) -> dict[str, Any]:
+    """The fault ``FLYWHEEL_SERVING_FAULTS`` injects into version ``key``; empty for none."""
+    path = os.environ.get(FAULTS_ENV)
+    if not path:
+        return {}
+    faults: dict[str, dict[str, Any]] = json.loads(Path(path).read_text())
+    return faults.get(key, {})
 
 
 def _error(message: str) -> Any:
