@@ -7,7 +7,7 @@ from flywheel_runtime.app import serve
 
 
 def main() -> None:
-    serve("flywheel_inference_bff.main:create_app", BffSettings())
+    serve("flywheel_inference_bff.main:create_service_app", BffSettings())
 
 
 if __name__ == "__main__":

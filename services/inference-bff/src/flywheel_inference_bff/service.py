@@ -346,7 +346,10 @@ class Labels:
 
 
 class Predictor:
-    """Images in, ranked classes out; the one core behind every front."""
+    """Images in, ranked classes out; the one core behind every front.
+
+    ``cache`` None means no prediction cache: nothing is looked up nor written.
+    """
 
     def __init__(
         self,
@@ -354,7 +357,7 @@ class Predictor:
         inference: Inference,
         labels: Labels,
         images: Images,
-        cache: PredictionCache,
+        cache: PredictionCache | None,
         inference_log: InferenceLog,
         *,
         limits: Limits | None = None,
@@ -485,7 +488,7 @@ class Predictor:
         return [await self._routing.target(line, bucket_for_id(i)) for i in ids]
 
     async def _from_cache(self, items: list[_Item], labels: Mapping[Target, list[str]]) -> None:
-        if not items:
+        if not items or self._cache is None:
             return
         found = await self._cache.get([_cache_key(i) for i in items])
         for item, probabilities in zip(items, found, strict=True):
@@ -510,13 +513,21 @@ class Predictor:
             for target, group in by_target.items()
             for start in range(0, len(group), self._limits.chunk)
         ]
-        results = await asyncio.gather(
-            *(self._infer_chunk(target, chunk, labels[target]) for target, chunk in chunks),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        if len(chunks) == 1:
+            # The common case, one image or one small batch: gather would wrap the call in a
+            # task of its own, a scheduling round trip per request for nothing.
+            ((target, chunk),) = chunks
+            await self._infer_chunk(target, chunk, labels[target])
+        else:
+            results = await asyncio.gather(
+                *(self._infer_chunk(target, chunk, labels[target]) for target, chunk in chunks),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        if self._cache is None:
+            return
         fresh = {_cache_key(i): i.probabilities for i in items if i.probabilities is not None}
         if fresh:
             # Written in the background: the answer does not wait for the cache.

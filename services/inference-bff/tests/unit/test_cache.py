@@ -1,4 +1,4 @@
-from flywheel_inference_bff.adapters.cache import NoCache, RedisPredictionCache
+from flywheel_inference_bff.adapters.cache import RedisPredictionCache
 from flywheel_inference_bff.metrics import BffMetrics
 from flywheel_testing.net import free_port
 
@@ -27,10 +27,3 @@ async def test_an_unreachable_redis_is_a_counted_miss_and_then_skipped() -> None
     assert second == third == [None]
     assert counter(metrics, "flywheel_bff_cache_lookups_total", result="error") == 3
     assert counter(metrics, "flywheel_bff_cache_lookups_total", result="skipped") == 1
-
-
-async def test_no_cache_always_misses() -> None:
-    cache = NoCache()
-    await cache.put({"a": [1.0]})
-
-    assert await cache.get(["a"]) == [None]

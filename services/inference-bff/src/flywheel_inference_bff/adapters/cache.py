@@ -25,19 +25,6 @@ log = structlog.get_logger(__name__)
 PREFIX = "flywheel:bff:prediction:"
 
 
-class NoCache:
-    """The cache when ``redis_url`` is unset: every lookup misses."""
-
-    async def get(self, keys: Sequence[str]) -> list[list[float] | None]:
-        return [None] * len(keys)
-
-    async def put(self, entries: Mapping[str, list[float]]) -> None:  # noqa: ARG002 - nothing kept
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
 class RedisPredictionCache:
     """Probabilities as float64 bytes under ``PREFIX + <model>:<version>:<sha256>``."""
 

@@ -96,10 +96,10 @@ class TritonInference:
         client = self._get_client()
         inputs, outputs = self._tensors(images)
         try:
-            result = await asyncio.wait_for(
-                client.infer(model, inputs, model_version=version, outputs=outputs),
-                self._timeout_s,
-            )
+            # A deadline on this task, not wait_for: that would run the call as a task of its
+            # own, a scheduling round trip per request.
+            async with asyncio.timeout(self._timeout_s):
+                result = await client.infer(model, inputs, model_version=version, outputs=outputs)
         except TimeoutError as error:
             raise InferenceTimeoutError(
                 f"inference took longer than {self._timeout_s:g}s",
