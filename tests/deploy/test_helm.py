@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flywheel_rollout.settings import RolloutSettings
 from flywheel_runtime.settings import PlatformSettings, env_reference
 from flywheel_testing.kube import (
     CRD_DIR_ENV,
@@ -413,6 +414,45 @@ def test_kserve_serving_is_an_inference_service_with_the_triton_runtime():
     assert predictor["model"]["storageUri"].startswith("s3://")
     assert component("triton") not in of_kind("kserve", "Deployment")
     assert platform["FLYWHEEL_TRITON_URL"].startswith(f"{component('models')}-predictor.")
+
+
+def test_kserve_serving_is_driven_by_rollout_on_that_inference_service():
+    config = of_kind("kserve", "ConfigMap")[f"{component('rollout')}-config"]["data"]
+    [service] = of_kind("kserve", "InferenceService").values()
+    settings = RolloutSettings.model_validate(
+        {
+            "backend": config["FLYWHEEL_ROLLOUT_BACKEND"],
+            "kserve": {
+                key.removeprefix("FLYWHEEL_ROLLOUT_KSERVE__").lower(): value
+                for key, value in config.items()
+                if key.startswith("FLYWHEEL_ROLLOUT_KSERVE__")
+            },
+        }
+    )
+    rules = [
+        rule
+        for role in of_kind("kserve", "Role").values()
+        if role["metadata"]["name"] == component("rollout")
+        for rule in role["rules"]
+    ]
+
+    assert settings.backend == "kserve"
+    assert settings.kserve.namespace == service["metadata"]["namespace"]
+    assert settings.kserve.name_template.format(registered_model="digits") == component("models")
+    predictor = service["spec"]["predictor"]
+    assert settings.kserve.runtime == predictor["model"]["runtime"]
+    assert settings.kserve.service_account == predictor["serviceAccountName"]
+    uri = settings.kserve.storage_uri_template.format(registered_model="digits", version="7")
+    assert uri.startswith("s3://")
+    assert uri.endswith("/digits/7/")
+    assert any(
+        "inferenceservices" in rule["resources"] and {"create", "patch"} <= set(rule["verbs"])
+        for rule in rules
+    ), rules
+    assert (
+        "FLYWHEEL_ROLLOUT_BACKEND"
+        not in (of_kind("default", "ConfigMap")[f"{component('rollout')}-config"]["data"])
+    )
 
 
 # --- Zero trust ----------------------------------------------------------------------------------

@@ -122,6 +122,18 @@ FLYWHEEL_OTEL_ENDPOINT: {{ . | quote }}
 {{ $prefix }}AUTH__AUDIENCE: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- if and (eq .name "rollout") .root.Values.kserve.enabled }}
+{{- /* KServe serves: rollout drives the chart's InferenceService and publishes each version's
+repository under kserve.versionsUri before naming it there. */}}
+{{- $kserve := include "flywheel.kserveName" .root }}
+{{ $prefix }}BACKEND: "kserve"
+{{ $prefix }}KSERVE__NAMESPACE: {{ .root.Release.Namespace | quote }}
+{{ $prefix }}KSERVE__NAME_TEMPLATE: {{ $kserve | quote }}
+{{ $prefix }}KSERVE__STORAGE_URI_TEMPLATE: {{ .root.Values.kserve.versionsUri | quote }}
+{{ $prefix }}KSERVE__RUNTIME: {{ .root.Values.kserve.runtime | quote }}
+{{ $prefix }}KSERVE__MODEL_FORMAT: {{ .root.Values.kserve.modelFormat | quote }}
+{{ $prefix }}KSERVE__SERVICE_ACCOUNT: {{ $kserve | quote }}
+{{- end }}
 {{- range $key, $value := .values.config }}
 {{ $prefix }}{{ $key }}: {{ tpl (toString $value) $.root | quote }}
 {{- end }}

@@ -40,6 +40,7 @@ from flywheel_vision.export import (
 )
 
 __all__ = [
+    "CONFIG_FILE",
     "MODEL_PY_FILE",
     "THREADS_PARAMETER",
     "ServingOptions",

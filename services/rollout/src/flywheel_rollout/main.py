@@ -11,6 +11,7 @@ from flywheel_clients.kubernetes import KubeObjects
 from flywheel_clients.registry import ModelRegistry
 from flywheel_rollout.adapters.bus import BrokerBus
 from flywheel_rollout.adapters.kserve import KServeServing, register_steps
+from flywheel_rollout.adapters.kserve_repository import S3VersionRepositories
 from flywheel_rollout.adapters.repository import SqlStore
 from flywheel_rollout.adapters.triton import TritonServing
 from flywheel_rollout.api import router
@@ -18,8 +19,9 @@ from flywheel_rollout.handlers import Driver, register
 from flywheel_rollout.ports import Serving
 from flywheel_rollout.service import Rollout
 from flywheel_rollout.settings import SERVICE, RolloutSettings
-from flywheel_runtime.app import ServiceRuntime, fastapi_app
+from flywheel_runtime.app import Hook, ServiceRuntime, fastapi_app
 from flywheel_runtime.auth import TokenVerifier
+from flywheel_runtime.storage import ObjectStorage
 from flywheel_serving.triton import TritonControl
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -52,12 +54,18 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     registry = ModelRegistry.from_settings(settings.platform)
     serving: Serving
     if settings.backend == "kserve":
+        repositories = None
+        if settings.kserve.publish_repositories:
+            storage = ObjectStorage.from_settings(settings.platform)
+            runtime.on_stop.append(_closer(storage))
+            repositories = S3VersionRepositories(registry, storage, settings.kserve.serving)
         kserve = KServeServing(
             KubeObjects(settings.kserve.connection),
             registry,
             settings.kserve,
             champion_alias=settings.champion_alias,
             challenger_alias=settings.challenger_alias,
+            repositories=repositories,
         )
         # KServe splits the traffic: the rollout applies its own rollout.step events to it.
         register_steps(runtime.broker, runtime.topology, kserve)
@@ -103,3 +111,12 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
 
         runtime.on_start.append(warn_open)
     return app
+
+
+def _closer(storage: ObjectStorage) -> Hook:
+    """A stop hook closing ``storage``'s connection pool."""
+
+    async def close() -> None:
+        storage.close()
+
+    return close

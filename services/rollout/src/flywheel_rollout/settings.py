@@ -40,8 +40,17 @@ class KServeSettings(BaseModel):
 
     storage_uri_template: str = "s3://flywheel-models/kserve/{registered_model}/{version}/"
     """``storageUri`` of one registered version: a Triton model repository holding
-    ``<registered_model>/config.pbtxt`` and that version's folder, as
-    ``flywheel_serving.repository.upload_repository`` writes it under this prefix."""
+    ``<registered_model>/config.pbtxt`` and that version's folder. This service writes it from
+    the registry (platform S3 credentials) before an InferenceService names it, unless
+    ``publish_repositories`` is off."""
+
+    publish_repositories: bool = True
+    """Write each version's repository under its ``storageUri``; off when another process
+    (a CI pipeline, say) publishes them."""
+
+    serving: ServingOptions = Field(default_factory=ServingOptions)
+    """How the published repositories' ``config.pbtxt`` serves a version (Triton's
+    ``onnxruntime`` backend by default)."""
 
     readiness_timeout_s: float = Field(default=300.0, gt=0)
     """Longest a change may take to be ready (a revision scheduled, pulled and started)

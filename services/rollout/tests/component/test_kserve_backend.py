@@ -1,5 +1,6 @@
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -127,11 +128,29 @@ class FakeKServe:
 
 
 @dataclass
+class RecordingRepositories:
+    """Records each publish, and that no spec named the URI before its repository was there."""
+
+    kube_api: KubeApiServer
+    published: list[tuple[str, str]] = field(default_factory=list)
+
+    async def publish(self, registered_model: str, version: str, storage_uri: str) -> None:
+        if (registered_model, version) in self.published:
+            return
+        named = [
+            r for r in self.kube_api.requests if storage_uri in json.dumps(r.body, default=str)
+        ]
+        assert not named, f"{storage_uri} named before its repository was published"
+        self.published.append((registered_model, version))
+
+
+@dataclass
 class Kserved:
     h: Harness
     serving: KServeServing
     kube_api: KubeApiServer
     controller: FakeKServe
+    repositories: RecordingRepositories
     relayed: int = 0
 
     async def settle(self, seconds: float = 0) -> None:
@@ -156,12 +175,14 @@ async def kserve_rollout(kube_api: KubeApiServer, **settings: Any) -> AsyncItera
     """The rollout on the KServe backend, with KServe's controller played beside it."""
     clock = Clock()
     store, registry, bus = FakeStore(), FakeRegistry(), FakeBus()
+    repositories = RecordingRepositories(kube_api)
     serving = KServeServing(
         KubeObjects(KubeConnection(host=kube_api.url)),
         registry,
         kserve_settings(kube_api, **settings),
         champion_alias="champion",
         challenger_alias="challenger",
+        repositories=repositories,
     )
     rollout = Rollout(
         store,
@@ -177,7 +198,7 @@ async def kserve_rollout(kube_api: KubeApiServer, **settings: Any) -> AsyncItera
     task = asyncio.create_task(controller.run())
     harness = Harness(rollout, store, registry, FakeServing(), bus, clock)
     try:
-        yield Kserved(harness, serving, kube_api, controller)
+        yield Kserved(harness, serving, kube_api, controller, repositories)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -319,6 +340,7 @@ async def test_a_canary_moves_canary_traffic_percent_10_then_50_then_is_promoted
     assert PREVIOUS_STORAGE_URI not in kserved.stored()["metadata"]["annotations"]
     assert await kserved.serving.ready(MODEL, "2")
     assert not await kserved.serving.ready(MODEL, "1")
+    assert kserved.repositories.published == [(MODEL, "1"), (MODEL, "2")]
 
 
 async def test_a_rollback_sets_zero_percent_and_restores_the_champions_storage_uri(
@@ -342,6 +364,8 @@ async def test_a_rollback_sets_zero_percent_and_restores_the_champions_storage_u
     assert [p.get("canaryTrafficPercent") for p in kserved.predictor_patches()] == [0, 10, 0]
     assert kserved.stored()["spec"]["predictor"]["model"]["storageUri"] == V1
     assert await kserved.serving.ready(MODEL, "1")
+    # The champion's repository was written when it was first served; nothing more.
+    assert kserved.repositories.published == [(MODEL, "1"), (MODEL, "2")]
 
 
 async def test_a_candidate_kserve_cannot_serve_is_rolled_back_without_traffic(

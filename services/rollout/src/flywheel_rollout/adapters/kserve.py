@@ -12,6 +12,9 @@ and the newest one (the candidate, at ``canaryTrafficPercent``). So this adapter
   canary percentage is removed), 0 % rolls back (0 % and the champion's ``storageUri`` back).
   Steps republished every ``republish_s`` carry their original time, so they repair drift
   without ever moving a service back to an older step.
+
+Before a spec names a version's ``storageUri``, ``repositories`` (when given) writes that
+version's Triton repository there: the registry is the source of truth, the bucket a cache.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from faststream.rabbit import RabbitBroker
@@ -42,6 +45,12 @@ from flywheel_runtime.topology import Topology
 log = structlog.get_logger(__name__)
 
 
+class VersionRepositories(Protocol):
+    """Writes a version's model repository where an InferenceService will read it."""
+
+    async def publish(self, registered_model: str, version: str, storage_uri: str) -> None: ...
+
+
 class KServeServing:
     """Serves registered versions through KServe InferenceServices, one per registered model."""
 
@@ -53,10 +62,12 @@ class KServeServing:
         *,
         champion_alias: str,
         challenger_alias: str,
+        repositories: VersionRepositories | None = None,
     ) -> None:
         self._objects = objects
         self._registry = registry
         self._settings = settings
+        self._repositories = repositories
         self._champion_alias = champion_alias
         self._challenger_alias = challenger_alias
         self._applied: dict[str, tuple[datetime, int]] = {}
@@ -120,12 +131,12 @@ class KServeServing:
         canary = self._canary(registered_model)
         status = await self._existing(canary, registered_model, stable)
         if candidate is not None:
-            uri = self.storage_uri(registered_model, candidate)
+            uri = await self._published(registered_model, candidate)
             if status.storage_uri != uri:
                 # Loaded beside the champion without traffic; the first step gives it some.
                 await canary.start(uri, 0, model_version=candidate)
         else:
-            uri = self.storage_uri(registered_model, stable)
+            uri = await self._published(registered_model, stable)
             if status.storage_uri != uri:
                 in_canary = status.canary_percent is not None
                 if in_canary and status.previous_storage_uri == uri:
@@ -166,8 +177,14 @@ class KServeServing:
         canary = self._canary(p.registered_model)
         stable = p.champion_version or p.candidate_version
         status = await self._existing(canary, p.registered_model, stable)
-        candidate = self.storage_uri(p.registered_model, p.candidate_version)
         percent = p.traffic_percent
+        # A rollback returns to the champion's repository, written when it was first served:
+        # it must not wait on the registry or the bucket.
+        candidate = (
+            await self._published(p.registered_model, p.candidate_version)
+            if percent > 0
+            else self.storage_uri(p.registered_model, p.candidate_version)
+        )
         if 0 < percent < 100:
             if status.storage_uri != candidate or status.canary_percent != percent:
                 await canary.start(candidate, percent, model_version=p.candidate_version)
@@ -185,6 +202,13 @@ class KServeServing:
         self._objects.close()
 
     # --- plumbing -------------------------------------------------------------------------
+
+    async def _published(self, registered_model: str, version: str) -> str:
+        """The version's ``storageUri``, its repository written there first."""
+        uri = self.storage_uri(registered_model, version)
+        if self._repositories is not None:
+            await self._repositories.publish(registered_model, version, uri)
+        return uri
 
     async def _alias(self, registered_model: str, alias: str) -> str | None:
         info = await self._registry.get_alias(registered_model, alias)
@@ -206,6 +230,7 @@ class KServeServing:
         status = await self._status(canary)
         if status is not None:
             return status
+        await self._published(registered_model, stable)
         await canary.deploy(self.spec(registered_model, stable))
         log.info("inference service created", name=canary.name, version=stable)
         await self._wait_ready(registered_model, [stable])
