@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
 import shlex
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -302,3 +304,18 @@ def image_env() -> Callable[[list[Instruction]], dict[str, str]]:
 @pytest.fixture(scope="session")
 def base_image() -> Callable[[list[Instruction]], str]:
     return final_from
+
+
+def _load_provision() -> types.ModuleType:
+    """The chart's ``files/rabbitmq/provision.py``: a standalone script, not an installed module."""
+    path = Path(__file__).parents[2] / "deploy/helm/flywheel/files/rabbitmq/provision.py"
+    spec = importlib.util.spec_from_file_location("flywheel_rabbit_provision", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+provision = _load_provision()

@@ -11,6 +11,8 @@ import yaml
 from flywheel_runtime.settings import PlatformSettings, env_reference
 from flywheel_runtime.storage import PLATFORM_BUCKETS
 
+from .conftest import provision
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -26,14 +28,14 @@ APP = {
     "log-worker",
 }
 INFRA = {"rabbitmq", "postgres", "minio", "minio-init", "model-repository-init", "mlflow"}
-INFRA |= {"triton", "redis"}
+INFRA |= {"triton", "redis", "rabbitmq-provision"}
 OBS = {"otel-collector"}
 REQUIRED_SECRETS = {
     "RABBITMQ_PASSWORD",
     "POSTGRES_PASSWORD",
     "MINIO_ROOT_PASSWORD",
     "FLYWHEEL_COMPOSE_DEV_SIGNING_KEY",
-}
+} | {provision.password_env(service) for service in provision.load_access()}
 TMP = "/tmp"  # noqa: S108 - the tmpfs mount the containers get
 ANY_INTERFACE = "0.0.0.0"  # noqa: S104 - what a server in a container listens on
 # The combinations the compose file's header documents.

@@ -18,6 +18,10 @@ from flywheel_testing.kube import (
     validate_manifests,
 )
 
+from .conftest import provision
+
+PROVISION_SCRIPT = Path(provision.__file__)
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart offline")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -592,3 +596,40 @@ def test_training_runs_land_in_the_charts_queues_and_policies(variant):
     assert backend["SECRETS__S3_SECRET"] == _merged(variant)["secrets"]["existingSecret"]
     assert backend["IMAGE"].rsplit(":", 1)[0].endswith("/flywheel-trainer")
     assert matches(selector["matchLabels"], run_labels)
+
+
+# --- RabbitMQ users ------------------------------------------------------------------------------
+
+
+@variants
+def test_each_service_connects_as_its_own_rabbitmq_user(variant):
+    deployments = of_kind(variant, "Deployment")
+    for service in provision.load_access():
+        container = deployments[component(service)]["spec"]["template"]["spec"]["containers"][0]
+        [url] = [v for v in container["env"] if v["name"] == "FLYWHEEL_RABBIT_URL"]
+        assert url["valueFrom"]["secretKeyRef"]["key"] == f"rabbit-url-{service}"
+
+
+@variants
+def test_a_hook_job_provisions_the_users_with_the_charts_copy_of_the_script(variant):
+    [job] = of_kind(variant, "Job").values()
+    config = of_kind(variant, "ConfigMap")[component("rabbitmq-provision")]
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    variables = {v["name"]: v["valueFrom"]["secretKeyRef"]["key"] for v in container["env"][1:]}
+    policy = of_kind(variant, "NetworkPolicy")[component("rabbitmq-provision")]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert config["data"]["provision.py"] == PROVISION_SCRIPT.read_text()
+    assert config["data"]["access.json"] == PROVISION_SCRIPT.with_name("access.json").read_text()
+    assert container["command"] == ["python", "/provision/provision.py"]
+    assert {
+        provision.password_env(service): f"rabbitmq-password-{service}"
+        for service in provision.load_access()
+    }.items() <= variables.items()
+    assert {"RABBITMQ_ADMIN_USER", "RABBITMQ_ADMIN_PASSWORD"} <= set(variables)
+    assert pod["automountServiceAccountToken"] is False
+    assert job["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert egress_ports == {53, 15012, 15672}
+    assert policy["spec"]["ingress"] == []

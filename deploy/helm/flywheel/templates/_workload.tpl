@@ -164,7 +164,11 @@ spec:
               valueFrom:
                 secretKeyRef:
                   name: {{ $root.Values.secrets.existingSecret }}
+                  {{- if and (eq $variable "FLYWHEEL_RABBIT_URL") $root.Values.rabbitmq.provision.enabled }}
+                  key: {{ printf "rabbit-url-%s" $.name }}
+                  {{- else }}
                   key: {{ $key }}
+                  {{- end }}
             {{- end }}
             {{- end }}
             {{- range $suffix, $ref := $v.secretEnv }}
