@@ -17,6 +17,10 @@ Signing keys come from the identity provider's JWKS endpoint (Keycloak:
 ``issue_dev_token``. Only asymmetric algorithms are accepted, so neither ``alg=none`` nor an
 HMAC token signed with a public key (algorithm confusion) can pass.
 
+Dependencies that authenticate carry a ``declares_auth`` mark (``get_current_principal`` and
+``require_roles`` do already); ``route_auth`` reads a route's roles and schemes back from its
+dependency tree, so audits and route tests never restate them.
+
 Every rejected token raises ``AuthenticationError`` (401) with ``details["reason"]`` saying why;
 the service's error handler must answer 401s with ``WWW-Authenticate: Bearer``. A missing role
 raises ``PermissionDeniedError`` (403); an unreachable JWKS endpoint with no usable cached key
@@ -30,9 +34,11 @@ import base64
 import hashlib
 import json
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import httpx
 import jwt
@@ -40,6 +46,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.types import Options
@@ -52,16 +59,19 @@ from flywheel_runtime.errors import (
 )
 
 __all__ = [
+    "AuthRequirement",
     "AuthSettings",
     "CurrentPrincipal",
     "Principal",
     "TokenVerifier",
+    "declares_auth",
     "generate_dev_key",
     "get_current_principal",
     "issue_dev_token",
     "jwks_from_private_key",
     "require_roles",
     "roles_from_claims",
+    "route_auth",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -410,6 +420,90 @@ async def get_current_principal(
     return await verifier.verify(credentials.credentials)
 
 
+# --- What a route demands, readable from the route itself ---------------------------------
+
+_D = TypeVar("_D", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class AuthRequirement:
+    """What a route asks of its caller, as its dependencies declare it (``route_auth``)."""
+
+    roles: frozenset[str] = frozenset()
+    """Roles a bearer token must hold, every one of them; empty: any valid token will do."""
+
+    schemes: frozenset[str] = frozenset({"bearer"})
+    """How a caller may prove who they are: ``bearer`` (a JWT) and service-specific schemes
+    such as ``basic`` or ``webhook_secret``."""
+
+
+@dataclass(frozen=True)
+class _Declaration:
+    roles: frozenset[str]
+    roles_from: Callable[[Any], Iterable[str]] | None
+    schemes: frozenset[str]
+
+
+# Weak keys: require_roles makes a closure per call, which may be dropped with its router.
+_declarations: weakref.WeakKeyDictionary[Callable[..., Any], _Declaration] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def declares_auth(
+    *roles: str,
+    roles_from: Callable[[Any], Iterable[str]] | None = None,
+    schemes: Iterable[str] = ("bearer",),
+) -> Callable[[_D], _D]:
+    """Mark a FastAPI dependency as the one that authenticates (and authorises) a route.
+
+    Route audits read the mark with ``route_auth`` instead of restating each route's roles.
+    ``roles_from`` gives roles known only once the app is built (from ``app.state``, e.g. a
+    role name in the settings); they add to ``roles``.
+    """
+    declaration = _Declaration(frozenset(roles), roles_from, frozenset(schemes))
+
+    def mark(dependency: _D) -> _D:
+        _declarations[dependency] = declaration
+        return dependency
+
+    return mark
+
+
+def route_auth(dependant: Dependant, state: Any) -> AuthRequirement | None:
+    """The authentication a route's dependency tree declares, ``None`` if nothing does.
+
+    ``dependant`` is a route's: ``APIRoute.dependant``, or for an included router's route the
+    ``dependant`` of its context from ``fastapi.routing.iter_route_contexts(app.routes)``, which
+    holds the router-level dependencies too. ``state`` is the built app's ``app.state``, for
+    ``roles_from``. The outermost declared dependency on each branch speaks for it; several
+    branches add their roles and schemes up.
+    """
+    found: list[_Declaration] = []
+
+    def walk(node: Dependant) -> None:
+        for sub in node.dependencies:
+            declaration = _declarations.get(sub.call) if sub.call is not None else None
+            if declaration is not None:
+                found.append(declaration)
+            else:
+                walk(sub)
+
+    walk(dependant)
+    if not found:
+        return None
+    roles: set[str] = set()
+    schemes: set[str] = set()
+    for declaration in found:
+        roles |= declaration.roles
+        if declaration.roles_from is not None:
+            roles |= set(declaration.roles_from(state))
+        schemes |= declaration.schemes
+    return AuthRequirement(frozenset(roles), frozenset(schemes))
+
+
+declares_auth()(get_current_principal)
+
 CurrentPrincipal = Annotated[Principal, Depends(get_current_principal)]
 """The authenticated caller; any valid token will do."""
 
@@ -429,7 +523,7 @@ def require_roles(*roles: str) -> Callable[[Principal], Awaitable[Principal]]:
             )
         return principal
 
-    return principal_with_roles
+    return declares_auth(*required)(principal_with_roles)
 
 
 # --- Local development: keys and tokens without Keycloak ----------------------------------

@@ -17,7 +17,9 @@ import jwt
 import pytest
 import uvicorn
 from cryptography.hazmat.primitives import serialization
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import iter_route_contexts
 from pydantic import SecretStr, ValidationError
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse as StarletteJSONResponse
@@ -25,15 +27,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel_runtime.auth import (
+    AuthRequirement,
     AuthSettings,
     CurrentPrincipal,
     Principal,
     TokenVerifier,
+    declares_auth,
     generate_dev_key,
     issue_dev_token,
     jwks_from_private_key,
     require_roles,
     roles_from_claims,
+    route_auth,
 )
 from flywheel_runtime.http import install_error_handlers
 from flywheel_testing.wait import wait_until
@@ -523,3 +528,61 @@ async def test_missing_token_verifier_on_app_state_is_a_wiring_error(
     async with httpx.AsyncClient(transport=transport, base_url="http://svc.test") as http:
         with pytest.raises(RuntimeError, match="token_verifier"):
             await http.get("/me")
+
+
+# --- route_auth: what routes demand, read from their dependencies -----------------------------
+
+
+def _requirements(app: FastAPI) -> dict[str, AuthRequirement | None]:
+    # As FastAPI reads routes for OpenAPI: included routers with their prefix and dependencies.
+    return {
+        str(context.path_format): route_auth(context.dependant, app.state)
+        for context in iter_route_contexts(app.routes)
+        if isinstance(getattr(context, "dependant", None), Dependant)
+    }
+
+
+@declares_auth(roles_from=lambda state: [state.role], schemes=("bearer", "basic"))
+async def _role_from_settings(principal: CurrentPrincipal) -> Principal:
+    return principal
+
+
+@declares_auth(schemes=("webhook_secret",))
+async def _webhook() -> None:
+    return None
+
+
+AdminOrAuditor = Annotated[Principal, Depends(require_roles("admin", "auditor"))]
+FromSettings = Annotated[Principal, Depends(_role_from_settings)]
+
+
+def test_route_auth_reads_roles_and_schemes_from_dependencies() -> None:
+    app = FastAPI()
+    app.state.role = "predict"
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_webhook)])
+
+    @app.get("/any")
+    async def any_caller(_: CurrentPrincipal) -> None: ...
+
+    @app.get("/admin")
+    async def admin_only(_: AdminOrAuditor) -> None: ...
+
+    @app.get("/predict")
+    async def predict(_: FromSettings) -> None: ...
+
+    @app.get("/open")
+    async def open_route() -> None: ...
+
+    @router.post("/hook")
+    async def hook() -> None: ...
+
+    app.include_router(router)
+    found = _requirements(app)
+
+    assert found["/any"] == AuthRequirement()
+    assert found["/admin"] == AuthRequirement(frozenset({"admin", "auditor"}))
+    assert found["/predict"] == AuthRequirement(
+        frozenset({"predict"}), frozenset({"bearer", "basic"})
+    )
+    assert found["/open"] is None
+    assert found["/v1/hook"] == AuthRequirement(schemes=frozenset({"webhook_secret"}))

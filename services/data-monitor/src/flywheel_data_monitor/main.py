@@ -13,6 +13,7 @@ from flywheel_data_monitor.handlers import Ticker, register
 from flywheel_data_monitor.service import DataMonitor
 from flywheel_data_monitor.settings import SERVICE, DataMonitorSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
+from flywheel_runtime.auth import TokenVerifier
 from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.storage import ObjectStorage
 
@@ -56,5 +57,9 @@ def create_app(settings: DataMonitorSettings | None = None) -> FastAPI:
     runtime.on_stop.append(close_storage)
 
     app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=[router])
+    if settings.auth is not None:
+        verifier = TokenVerifier(settings.auth)
+        app.state.token_verifier = verifier
+        runtime.on_stop.append(verifier.aclose)
     app.state.monitor = monitor
     return app

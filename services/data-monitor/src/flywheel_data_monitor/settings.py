@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from flywheel_contracts.events import RetrainPolicy
+from flywheel_runtime.auth import AuthSettings
 from flywheel_runtime.settings import ServiceSettings
 from flywheel_runtime.storage import DATA_BUCKET
 
@@ -31,6 +32,10 @@ class DataMonitorSettings(ServiceSettings):
 
     db_schema: str = Field(default="data_monitor", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     """PostgreSQL schema owned by this service."""
+
+    auth: AuthSettings | None = None
+    """Bearer-token checks of the read API; unset leaves it open (local runs only). When set,
+    every route but the probes needs a valid token."""
 
     data_bucket: str = DATA_BUCKET
     """Bucket holding the dataset snapshots that labeling writes."""

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from flywheel_clients.registry import ModelRegistry
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
+from flywheel_runtime.auth import TokenVerifier
 from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.storage import ObjectStorage
 from flywheel_validator.adapters.onnx import OnnxEvaluator
@@ -71,5 +72,9 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
     runtime.on_stop.append(close_storage)
 
     app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=[router])
+    if settings.auth is not None:
+        verifier = TokenVerifier(settings.auth)
+        app.state.token_verifier = verifier
+        runtime.on_stop.append(verifier.aclose)
     app.state.validator = validator
     return app

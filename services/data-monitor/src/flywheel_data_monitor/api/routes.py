@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from flywheel_data_monitor.api.deps import Limit, MonitorDep, ProjectId
+from flywheel_data_monitor.api.deps import Limit, MonitorDep, ProjectId, get_reader
 from flywheel_data_monitor.api.schemas import DecisionsOut, ProjectStateOut, QualityReportsOut
 
-router = APIRouter(prefix="/v1/projects/{project_id}", tags=["projects"])
+router = APIRouter(
+    prefix="/v1/projects/{project_id}", tags=["projects"], dependencies=[Depends(get_reader)]
+)
 
 
 @router.get("/state")

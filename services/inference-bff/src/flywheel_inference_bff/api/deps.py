@@ -7,7 +7,7 @@ import binascii
 import hmac
 import time
 from collections import OrderedDict
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -16,7 +16,7 @@ from flywheel_inference_bff.errors import UnsupportedContentTypeError
 from flywheel_inference_bff.jobs import BatchJobs
 from flywheel_inference_bff.service import Predictor
 from flywheel_inference_bff.settings import BffSettings
-from flywheel_runtime.auth import AuthSettings, Principal, TokenVerifier
+from flywheel_runtime.auth import AuthSettings, Principal, TokenVerifier, declares_auth
 from flywheel_runtime.errors import AuthenticationError, PermissionDeniedError
 
 
@@ -101,6 +101,11 @@ async def _with_predict_role(
     return principal
 
 
+def _predict_roles(state: Any) -> tuple[str]:
+    return (cast(BffSettings, state.settings).predict_role,)
+
+
+@declares_auth(roles_from=_predict_roles)
 async def require_predict_role(
     request: Request, credentials: Bearer, settings: SettingsDep
 ) -> Principal:
@@ -108,6 +113,7 @@ async def require_predict_role(
     return await _with_predict_role(request, credentials, settings)
 
 
+@declares_auth(roles_from=_predict_roles, schemes=("bearer", "basic"))
 async def require_label_studio(request: Request, settings: SettingsDep) -> Principal:
     """Label Studio with its basic-auth credentials, or any caller with the predict role.
 

@@ -22,6 +22,7 @@ from flywheel_runtime.auth import (
     CurrentPrincipal,
     Principal,
     TokenVerifier,
+    declares_auth,
     require_roles,
 )
 
@@ -117,6 +118,7 @@ async def require_json(request: Request) -> None:
         )
 
 
+@declares_auth(schemes=("webhook_secret",))
 async def check_webhook_secret(
     settings: SettingsDep,
     secret: Annotated[str | None, Header(alias=WEBHOOK_SECRET_HEADER)] = None,

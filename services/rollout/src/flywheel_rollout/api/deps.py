@@ -16,7 +16,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from flywheel_contracts.events import SLUG
 from flywheel_rollout.service import Rollout
-from flywheel_runtime.auth import Principal, TokenVerifier, get_current_principal, require_roles
+from flywheel_runtime.auth import (
+    Principal,
+    TokenVerifier,
+    declares_auth,
+    get_current_principal,
+    require_roles,
+)
 
 OPERATOR_ROLE = "operator"
 ANONYMOUS = Principal(subject="anonymous", username="anonymous")
@@ -34,6 +40,7 @@ def _auth_enabled(request: Request) -> bool:
     return isinstance(getattr(request.app.state, "token_verifier", None), TokenVerifier)
 
 
+@declares_auth()
 async def get_reader(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -44,6 +51,7 @@ async def get_reader(
     return await get_current_principal(request, credentials)
 
 
+@declares_auth(OPERATOR_ROLE)
 async def get_operator(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

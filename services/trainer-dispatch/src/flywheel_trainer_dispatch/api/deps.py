@@ -14,7 +14,13 @@ from typing import Annotated, cast
 from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from flywheel_runtime.auth import Principal, TokenVerifier, get_current_principal, require_roles
+from flywheel_runtime.auth import (
+    Principal,
+    TokenVerifier,
+    declares_auth,
+    get_current_principal,
+    require_roles,
+)
 from flywheel_trainer_dispatch.service import TrainerDispatch
 
 OPERATOR_ROLE = "operator"
@@ -33,6 +39,7 @@ def _auth_enabled(request: Request) -> bool:
     return isinstance(getattr(request.app.state, "token_verifier", None), TokenVerifier)
 
 
+@declares_auth()
 async def get_reader(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -43,6 +50,7 @@ async def get_reader(
     return await get_current_principal(request, credentials)
 
 
+@declares_auth(OPERATOR_ROLE)
 async def get_operator(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from flywheel_validator.api.deps import Limit, ModelLine, ValidationId, ValidatorDep
+from flywheel_validator.api.deps import Limit, ModelLine, ValidationId, ValidatorDep, get_reader
 from flywheel_validator.api.schemas import ValidationsOut
 from flywheel_validator.ports import Validation
 
-router = APIRouter(prefix="/v1/validations", tags=["validations"])
+router = APIRouter(
+    prefix="/v1/validations", tags=["validations"], dependencies=[Depends(get_reader)]
+)
 
 
 @router.get("")
