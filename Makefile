@@ -8,7 +8,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
 SOURCES = $(wildcard libs/*/src services/*/src cli/src)
 
-.PHONY: install test lint format typecheck schemas env-example asyncapi check demo up down bench clean
+.PHONY: install test test-hardening lint format typecheck schemas env-example asyncapi check demo up down bench clean
 
 $(STAMP): constraints.txt requirements-dev.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml cli/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,15 @@ $(STAMP): constraints.txt requirements-dev.txt $(wildcard libs/*/pyproject.toml 
 
 install: $(STAMP)
 
+# The load test posts FLYWHEEL_LOAD_LABELS labels: 1 000 here (it fits CI's time), 10 000 in
+# test-hardening, which also shows every fault, load and security test's figures (-s).
 test: install
 	./scripts/ensure-servers
-	$(BIN)/pytest $(PYTEST_ARGS)
+	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-1000} $(BIN)/pytest $(PYTEST_ARGS)
+
+test-hardening: install
+	./scripts/ensure-servers
+	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-10000} $(BIN)/pytest -s tests/faults tests/load tests/security $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
