@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flywheel_cli.dlq import DlqError, non_empty, replay
 from flywheel_cli.endpoints import stack_urls
 from flywheel_cli.infra import InfraError
 from flywheel_cli.scenarios import SCENARIOS, DemoError, DemoOptions
@@ -41,6 +42,7 @@ EXPECTED_ERRORS = (
     StateFileError,
     ServiceError,
     NoCredentialsError,
+    DlqError,
     httpx.HTTPError,
 )
 """Failures with a message that says it all: printed without a traceback, exit code 1."""
@@ -272,6 +274,80 @@ def demo(
     typer.echo(json.dumps(summary, separators=(", ", ": ")))
     if not summary.get("expected"):
         raise typer.Exit(1)
+
+
+dlq_app = typer.Typer(
+    help="Dead-letter queues: list them, move their messages back.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Each queue of the stack whose dead-letter queue holds messages, with its depth."""
+    settings = settings_of(ctx)
+    with reported_errors():
+        state = StateFile(settings.state_path).load()
+        namespace = state.namespace if state is not None else settings.namespace
+        rows = run_async(
+            non_empty(
+                settings.management_url(),
+                settings.platform.rabbit_url.get_secret_value(),
+                namespace,
+            )
+        )
+    if as_json:
+        typer.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    if not rows:
+        console().print("no dead letters")
+        return
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("queue")
+    table.add_column("dead letters", justify="right")
+    for row in rows:
+        table.add_row(row.queue, str(row.messages))
+    console().print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ctx: typer.Context,
+    queue: Annotated[str, typer.Argument(help="Queue as `flywheel status` names it.")],
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Move at most this many.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would move; move nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Move the messages of `<queue>.dlq` back into `<queue>`, each acked after its confirm."""
+    settings = settings_of(ctx)
+    with reported_errors():
+        report = run_async(
+            replay(
+                settings.platform.rabbit_url.get_secret_value(),
+                queue,
+                limit=limit,
+                dry_run=dry_run,
+            )
+        )
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    out = console()
+    verb, count = (
+        ("would move", len(report.messages)) if report.dry_run else ("moved", report.moved)
+    )
+    out.print(f"{verb} {count} of {report.found} from {report.dead_letter_queue} to {report.queue}")
+    for message in report.messages:
+        out.print(
+            f"  {message.message_id or '-'}  {message.type or '-'}  reason={message.reason or '-'}"
+        )
 
 
 def main() -> None:
