@@ -18,15 +18,18 @@ $(STAMP): constraints.txt requirements-dev.txt $(wildcard libs/*/pyproject.toml 
 
 install: $(STAMP)
 
-# The load test posts FLYWHEEL_LOAD_LABELS labels: 1 000 here (it fits CI's time), 10 000 in
-# test-hardening, which also shows every fault, load and security test's figures (-s).
+# The load and outage tests post FLYWHEEL_LOAD_LABELS / FLYWHEEL_FAULT_LABELS labels: 1 000 and
+# 2 000 here (they fit CI's time), 10 000 in test-hardening, which also shows every fault, load
+# and security test's figures (-s).
 test: install
 	./scripts/ensure-servers
-	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-1000} $(BIN)/pytest $(PYTEST_ARGS)
+	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-1000} FLYWHEEL_FAULT_LABELS=$${FLYWHEEL_FAULT_LABELS:-2000} \
+		$(BIN)/pytest $(PYTEST_ARGS)
 
 test-hardening: install
 	./scripts/ensure-servers
-	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-10000} $(BIN)/pytest -s tests/faults tests/load tests/security $(PYTEST_ARGS)
+	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-10000} FLYWHEEL_FAULT_LABELS=$${FLYWHEEL_FAULT_LABELS:-10000} \
+		$(BIN)/pytest -s tests/faults tests/load tests/security $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

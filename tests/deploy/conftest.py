@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings
 
 from flywheel_runtime.settings import PlatformSettings
+from flywheel_testing.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -306,16 +306,8 @@ def base_image() -> Callable[[list[Instruction]], str]:
     return final_from
 
 
-def _load_provision() -> types.ModuleType:
-    """The chart's ``files/rabbitmq/provision.py``: a standalone script, not an installed module."""
-    path = Path(__file__).parents[2] / "deploy/helm/flywheel/files/rabbitmq/provision.py"
-    spec = importlib.util.spec_from_file_location("flywheel_rabbit_provision", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-provision = _load_provision()
+provision = load_file(
+    Path(__file__).parents[2] / "deploy/helm/flywheel/files/rabbitmq/provision.py",
+    "flywheel_rabbit_provision",
+)
+"""The chart's ``files/rabbitmq/provision.py``: a standalone script, not an installed module."""

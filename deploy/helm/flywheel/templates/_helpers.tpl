@@ -104,6 +104,8 @@ FLYWHEEL_TRITON_URL: {{ include "flywheel.tritonUrl" . | quote }}
 FLYWHEEL_LOG_LEVEL: {{ .Values.platform.logLevel | quote }}
 FLYWHEEL_LOG_JSON: {{ .Values.platform.logJson | toString | quote }}
 FLYWHEEL_DELIVERY_LIMIT: {{ .Values.platform.deliveryLimit | toString | quote }}
+FLYWHEEL_RETRY_DELAY_S: {{ .Values.platform.retryDelayS | toString | quote }}
+FLYWHEEL_RETRY_DELAY_MAX_S: {{ .Values.platform.retryDelayMaxS | toString | quote }}
 FLYWHEEL_ENVIRONMENT: {{ .Values.platform.environment | quote }}
 {{- with .Values.otel.endpoint }}
 FLYWHEEL_OTEL_ENDPOINT: {{ . | quote }}

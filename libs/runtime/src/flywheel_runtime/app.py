@@ -98,6 +98,8 @@ class ServiceRuntime:
             app_id=name,
             tracer_provider=telemetry.tracer_provider,
             metrics_registry=telemetry.registry,
+            retry_delay_s=platform.retry_delay_s,
+            retry_delay_max_s=platform.retry_delay_max_s,
         )
         runtime = cls(name, platform, topology, telemetry, broker, migrations=migrations)
         runtime.checks["broker"] = runtime._ping_broker

@@ -3,10 +3,16 @@
 Handlers never catch to decide delivery: a retryable error is nacked with requeue (the quorum
 queue's delivery limit bounds the retries), anything else — a payload that fails validation
 included — is rejected at once into the dead-letter queue.
+
+A retryable failure waits before its requeue, doubling from ``retry_delay_s`` up to
+``retry_delay_max_s``: requeued at once, a good event would spend its whole delivery limit
+within the first second of a database restart and land in the dead-letter queue. Only the
+failing message waits; the consumer's other prefetched messages flow meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -50,6 +56,22 @@ def is_retryable(error: BaseException) -> bool:
 class ErrorToAckMiddleware(BaseMiddleware):
     """Maps a handler's exception to nack-requeue (retryable) or reject (to the DLQ)."""
 
+    retry_delay_s: float = 0.2
+    """Wait before the first requeue; doubled on each later delivery."""
+    retry_delay_max_s: float = 5.0
+    """Longest wait before a requeue."""
+
+    @classmethod
+    def with_delays(
+        cls, retry_delay_s: float, retry_delay_max_s: float
+    ) -> type[ErrorToAckMiddleware]:
+        """This middleware with other waits (FastStream instantiates it per message)."""
+        return type(
+            cls.__name__,
+            (cls,),
+            {"retry_delay_s": retry_delay_s, "retry_delay_max_s": retry_delay_max_s},
+        )
+
     async def consume_scope(
         self,
         call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
@@ -71,6 +93,10 @@ class ErrorToAckMiddleware(BaseMiddleware):
                 exc_info=error,
             )
             if retry:
+                delivery = _delivery_count(msg)
+                await asyncio.sleep(
+                    min(self.retry_delay_s * 2 ** (delivery - 1), self.retry_delay_max_s)
+                )
                 raise NackMessage(requeue=True) from error
             raise RejectMessage(requeue=False) from error
 
@@ -117,6 +143,8 @@ def create_broker(
     metrics_registry: CollectorRegistry | None = None,
     extra_middlewares: Sequence[Any] = (),
     fail_fast: bool = True,
+    retry_delay_s: float = ErrorToAckMiddleware.retry_delay_s,
+    retry_delay_max_s: float = ErrorToAckMiddleware.retry_delay_max_s,
 ) -> RabbitBroker:
     """A RabbitMQ broker with publisher confirms, tracing, metrics and the error mapping.
 
@@ -129,7 +157,8 @@ def create_broker(
     ]
     if metrics_registry is not None:
         middlewares.append(RabbitPrometheusMiddleware(registry=metrics_registry, app_name=app_id))
-    middlewares += [LogContextMiddleware, *extra_middlewares, ErrorToAckMiddleware]
+    error_to_ack = ErrorToAckMiddleware.with_delays(retry_delay_s, retry_delay_max_s)
+    middlewares += [LogContextMiddleware, *extra_middlewares, error_to_ack]
     return RabbitBroker(
         url,
         app_id=app_id,

@@ -61,6 +61,13 @@ class PlatformSettings(BaseSettings):
     delivery_limit: int = Field(default=5, ge=1)
     """Deliveries of one message before its queue dead-letters it."""
 
+    retry_delay_s: float = Field(default=0.2, ge=0)
+    """Wait before requeueing a message whose handling failed for a retryable reason; doubled
+    on each later delivery, so an outage of a few seconds does not use up the delivery limit."""
+
+    retry_delay_max_s: float = Field(default=5.0, ge=0)
+    """Longest wait before such a requeue."""
+
     environment: str = "local"
     """Deployment environment, recorded on traces and logs."""
 

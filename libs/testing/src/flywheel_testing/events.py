@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import aio_pika
+from aiormq.exceptions import ChannelInvalidStateError
 
 from flywheel_contracts import ALL_EVENTS, Event
 from flywheel_runtime.topology import Topology
@@ -21,8 +22,16 @@ _BY_TYPE: dict[str, type[Event[Any]]] = {cls.TYPE: cls for cls in ALL_EVENTS}
 class EventProbe:
     """Binds a fresh queue to the exchanges of ``events`` and parses what arrives, typed."""
 
-    def __init__(self, rabbit_url: str, topology: Topology, *events: type[Event[Any]]) -> None:
+    def __init__(
+        self,
+        rabbit_url: str,
+        topology: Topology,
+        *events: type[Event[Any]],
+        durable: bool = False,
+    ) -> None:
+        """``durable``: the queue (and what it holds) outlives a broker restart."""
         self.rabbit_url = rabbit_url
+        self.durable = durable
         self.topology = topology
         self.event_types = events
         self.events: list[Event[Any]] = []
@@ -33,7 +42,7 @@ class EventProbe:
     async def start(self) -> None:
         self._connection = await aio_pika.connect_robust(self.rabbit_url)
         channel = await self._connection.channel()
-        self._queue = await channel.declare_queue(self.name, durable=False)
+        self._queue = await channel.declare_queue(self.name, durable=self.durable)
         for event_type in self.event_types:
             spec = self.topology.exchange_for(event_type)
             exchange = await channel.declare_exchange(
@@ -63,9 +72,14 @@ class EventProbe:
         """Take every message waiting in the probe's queue."""
         if self._queue is None:
             raise RuntimeError("probe not started")
-        while (message := await self._queue.get(no_ack=True, fail=False)) is not None:
-            body = json.loads(message.body)
-            self.events.append(_BY_TYPE[body["type"]].model_validate(body))
+        try:
+            while (message := await self._queue.get(no_ack=True, fail=False)) is not None:
+                body = json.loads(message.body)
+                self.events.append(_BY_TYPE[body["type"]].model_validate(body))
+        except (aio_pika.exceptions.AMQPError, ChannelInvalidStateError, ConnectionError):
+            # The broker is away or just back: the robust connection restores the channel,
+            # and a durable probe's queue kept what arrived; the next call reads on.
+            pass
         return self.events
 
     def of(self, event_type: type[E]) -> list[E]:
