@@ -526,6 +526,44 @@ def require_roles(*roles: str) -> Callable[[Principal], Awaitable[Principal]]:
     return declares_auth(*required)(principal_with_roles)
 
 
+ANONYMOUS = Principal(subject="anonymous", username="anonymous")
+"""The caller of a service whose auth is off (local runs)."""
+
+
+def auth_enabled(request: Request) -> bool:
+    """Whether the app factory put a ``TokenVerifier`` on ``app.state.token_verifier``."""
+    return isinstance(getattr(request.app.state, "token_verifier", None), TokenVerifier)
+
+
+@declares_auth()
+async def get_reader(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """Whoever may read: any authenticated caller, or everyone (``ANONYMOUS``) while the
+    service runs with auth off."""
+    if not auth_enabled(request):
+        return ANONYMOUS
+    return await get_current_principal(request, credentials)
+
+
+def role_or_anonymous(role: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency giving the caller if their token holds ``role`` (else 401/403), or
+    ``ANONYMOUS`` while the service runs with auth off."""
+    checked = require_roles(role)
+
+    @declares_auth(role)
+    async def principal_or_anonymous(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        if not auth_enabled(request):
+            return ANONYMOUS
+        return await checked(await get_current_principal(request, credentials))
+
+    return principal_or_anonymous
+
+
 # --- Local development: keys and tokens without Keycloak ----------------------------------
 
 

@@ -12,53 +12,18 @@ import uuid
 from typing import Annotated, cast
 
 from fastapi import Depends, Header, Path, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from flywheel_runtime.auth import (
-    Principal,
-    TokenVerifier,
-    declares_auth,
-    get_current_principal,
-    require_roles,
-)
+from flywheel_runtime.auth import Principal, get_reader, role_or_anonymous
 from flywheel_trainer_dispatch.service import TrainerDispatch
 
 OPERATOR_ROLE = "operator"
-ANONYMOUS = Principal(subject="anonymous", username="anonymous")
-
-_bearer = HTTPBearer(auto_error=False, bearerFormat="JWT")
-_operator = require_roles(OPERATOR_ROLE)
+get_operator = role_or_anonymous(OPERATOR_ROLE)
+"""Whoever may act: the ``operator`` role (everyone while auth is off)."""
 
 
 async def get_dispatch(request: Request) -> TrainerDispatch:
     """The use cases ``create_app`` put on the app's state."""
     return cast(TrainerDispatch, request.app.state.dispatch)
-
-
-def _auth_enabled(request: Request) -> bool:
-    return isinstance(getattr(request.app.state, "token_verifier", None), TokenVerifier)
-
-
-@declares_auth()
-async def get_reader(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """Whoever may read runs: any authenticated caller (everyone while auth is off)."""
-    if not _auth_enabled(request):
-        return ANONYMOUS
-    return await get_current_principal(request, credentials)
-
-
-@declares_auth(OPERATOR_ROLE)
-async def get_operator(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """Whoever may trigger and cancel runs: the ``operator`` role (everyone while auth is off)."""
-    if not _auth_enabled(request):
-        return ANONYMOUS
-    return await _operator(await get_current_principal(request, credentials))
 
 
 DispatchDep = Annotated[TrainerDispatch, Depends(get_dispatch)]

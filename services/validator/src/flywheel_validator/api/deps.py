@@ -6,10 +6,9 @@ import uuid
 from typing import Annotated, cast
 
 from fastapi import Depends, Path, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from flywheel_contracts.events import SLUG
-from flywheel_runtime.auth import Principal, TokenVerifier, declares_auth, get_current_principal
+from flywheel_runtime.auth import get_reader as get_reader
 from flywheel_validator.service import Validator
 
 
@@ -19,23 +18,6 @@ def get_validator(request: Request) -> Validator:
 
 
 ValidatorDep = Annotated[Validator, Depends(get_validator)]
-
-
-_bearer = HTTPBearer(auto_error=False, bearerFormat="JWT")
-ANONYMOUS = Principal(subject="anonymous", username="anonymous")
-
-
-@declares_auth()
-async def get_reader(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """Whoever may read: any authenticated caller once the app factory puts a
-    ``TokenVerifier`` on ``app.state.token_verifier``; everyone while it does not (local runs).
-    """
-    if not isinstance(getattr(request.app.state, "token_verifier", None), TokenVerifier):
-        return ANONYMOUS
-    return await get_current_principal(request, credentials)
 
 
 ValidationId = Annotated[uuid.UUID, Path(description="Validation id.")]
