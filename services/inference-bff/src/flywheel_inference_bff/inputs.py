@@ -71,7 +71,7 @@ def stored_key(value: str, bucket: str, field: str) -> str:
             "give an object key or s3://<data bucket>/<key>; other URLs are not fetched",
             field=field,
         )
-    if not key or key.startswith("/") or len(key) > MAX_KEY_LENGTH:
+    if not key or key.startswith("/") or "\x00" in key or len(key) > MAX_KEY_LENGTH:
         raise ImageSourceRefusedError("not a valid object key", field=field)
     return key
 

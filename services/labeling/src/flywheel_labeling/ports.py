@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,7 +30,17 @@ from flywheel_contracts.datasets import ManifestEntry, SnapshotManifest, Snapsho
 from flywheel_contracts.events import SLUG, RetrainPolicy, TaskType
 from flywheel_labeling.images import CheckedImage
 
-ClassName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+def _storable(value: str) -> str:
+    # PostgreSQL text and JSONB cannot hold NUL: refused as input, not left to fail the insert.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+"""A string the database can store."""
+ClassName = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
 Source = Literal["human", "pseudo"]
 Status = Literal["created", "updated", "unchanged", "ignored", "deleted", "rejected"]
 """What a request did to one label: ``unchanged`` for identical content (a replay),
@@ -69,7 +80,7 @@ class NewProject(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     project_id: str = Field(pattern=SLUG, description="Slug: lowercase letters, digits, dashes.")
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     task_type: TaskType = TaskType.CLASSIFICATION
     class_names: list[ClassName] = Field(min_length=1)
     model_line: str | None = Field(default=None, pattern=SLUG)
@@ -87,7 +98,7 @@ class ProjectChanges(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Text | None = Field(default=None, min_length=1, max_length=200)
     class_names: list[ClassName] | None = Field(default=None, min_length=1)
     """The full list: every existing class must still be in it (classes are only added)."""
     policy: RetrainPolicy | None = None
@@ -113,14 +124,14 @@ class LabelFields(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    class_name: str = Field(min_length=1, max_length=200)
+    class_name: Text = Field(min_length=1, max_length=200)
     source: Source = "human"
-    prediction_id: str | None = Field(default=None, max_length=200)
+    prediction_id: Text | None = Field(default=None, max_length=200)
     """Id of the model prediction shown to the labeler (a pre-fill)."""
-    model_version: str | None = Field(default=None, max_length=200, validate_default=True)
-    predicted_class: str | None = Field(default=None, max_length=200)
+    model_version: Text | None = Field(default=None, max_length=200, validate_default=True)
+    predicted_class: Text | None = Field(default=None, max_length=200)
     confidence: float | None = Field(default=None, ge=0, le=1, validate_default=True)
-    external_id: str | None = Field(default=None, max_length=200)
+    external_id: Text | None = Field(default=None, max_length=200)
     """The labeling tool's own id for this label."""
 
     @field_validator("model_version", "confidence")

@@ -854,7 +854,7 @@ class LabelingService:
             return image
         if image.startswith("s3://"):
             bucket, _, key = image.removeprefix("s3://").partition("/")
-            if bucket != self._images.bucket or not key:
+            if bucket != self._images.bucket or not key or "\x00" in key:
                 raise ImageSourceRefusedError(
                     f"images are read from s3://{self._images.bucket}/<key> only",
                     field=field_name,

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flywheel_contracts.datasets import Split
 from flywheel_contracts.events import SLUG
@@ -76,6 +76,14 @@ class BatchIn(PredictOptionsIn):
         max_length=64,
         description="Version a job pins; the one serving the champion traffic if unset.",
     )
+
+    @field_validator("snapshot_id", "model_version")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        # A job row keeps them, and PostgreSQL text cannot hold NUL: refused, not a 500.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
     @model_validator(mode="after")
     def _images_or_snapshot(self) -> Self:
