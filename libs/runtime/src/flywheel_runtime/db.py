@@ -31,16 +31,30 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # "terminating connection due to administrator command" and the like: a restart.
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.PostgresConnectionError,
     InterfaceError,
     OperationalError,
 )
 
 
 def is_unavailable(error: BaseException) -> bool:
-    """Whether ``error`` means the database could not be reached (rather than a bad query)."""
-    if isinstance(error, DBAPIError) and error.connection_invalidated:
-        return True
-    return isinstance(error, _UNAVAILABLE) or isinstance(error.__cause__, _UNAVAILABLE)
+    """Whether ``error`` means the database could not be reached (rather than a bad query).
+
+    The driver's error may sit several links down the chain (SQLAlchemy wraps asyncpg, which
+    wraps the socket's), so the whole chain of causes and contexts is looked at.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, _UNAVAILABLE):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class Database:
