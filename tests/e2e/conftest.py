@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -68,6 +70,9 @@ PROJECT = "digits"
 
 SERVING = ServingOptions(flavour="python", max_batch_size=8, preferred_batch_sizes=(8,))
 """The Triton bundled with nvidia-pytriton has no ONNX Runtime backend: Python backend."""
+
+TEARDOWN_S = 60.0
+"""Longest the services of one test may take to stop."""
 
 POLICY = CanaryPolicy(
     steps=[10, 50],
@@ -376,8 +381,17 @@ async def loop(
         log_json=False,
     )
     built = Loop(platform, topology, unique_bucket, rabbit_url)
-    async with built.stack:
-        yield built
+    yield built
+    try:
+        async with asyncio.timeout(TEARDOWN_S):
+            await built.stack.aclose()
+    except TimeoutError:
+        # Seen now and then in long sessions: some shutdown never returns. Say where every task
+        # waits, and go on: the test's assertions are already made.
+        warnings.warn(f"the stack did not stop within {TEARDOWN_S:g}s", stacklevel=1)
+        for task in asyncio.all_tasks():
+            print(f"task {task.get_name()} still waiting:", file=sys.stderr)
+            task.print_stack(limit=8, file=sys.stderr)
     queues = {q for app in built.apps for q in app.state.runtime.topology.queue_names}
     await delete_names(rabbit_url, sorted(queues), [])
 

@@ -101,6 +101,9 @@ def outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
 async def test_labels_streamed_across_a_server_restart_are_all_kept_and_announced_once(
     loop: Any, outage: Outage, storage: ObjectStorage
 ) -> None:
+    # Deliveries are the retry budget of an event whose handler meets the outage: eight, with
+    # the waits between them (0.2 s doubling to 5 s), outlast a restart of ten seconds or so.
+    loop.platform = loop.platform.model_copy(update={"delivery_limit": 8})
     probe = await loop.stack.enter_async_context(
         EventProbe(loop.rabbit_url, loop.topology, LabelsSavedV1, ThresholdReachedV1, durable=True)
     )
