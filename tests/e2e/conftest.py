@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -56,7 +54,7 @@ from flywheel_testing.events import EventProbe
 from flywheel_testing.rabbit import delete_names
 from flywheel_testing.s3 import S3Server
 from flywheel_testing.serving import digit_model_files
-from flywheel_testing.wait import ConditionTimeoutError
+from flywheel_testing.wait import ConditionTimeoutError, close_within
 from flywheel_trainer_dispatch.main import create_app as create_trainer_dispatch
 from flywheel_trainer_dispatch.settings import TrainerDispatchSettings
 from flywheel_validator.gates import Gates
@@ -382,16 +380,7 @@ async def loop(
     )
     built = Loop(platform, topology, unique_bucket, rabbit_url)
     yield built
-    try:
-        async with asyncio.timeout(TEARDOWN_S):
-            await built.stack.aclose()
-    except TimeoutError:
-        # Seen now and then in long sessions: some shutdown never returns. Say where every task
-        # waits, and go on: the test's assertions are already made.
-        warnings.warn(f"the stack did not stop within {TEARDOWN_S:g}s", stacklevel=1)
-        for task in asyncio.all_tasks():
-            print(f"task {task.get_name()} still waiting:", file=sys.stderr)
-            task.print_stack(limit=8, file=sys.stderr)
+    await close_within(built.stack, TEARDOWN_S)
     queues = {q for app in built.apps for q in app.state.runtime.topology.queue_names}
     await delete_names(rabbit_url, sorted(queues), [])
 

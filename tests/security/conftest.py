@@ -37,6 +37,7 @@ from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.topology import Topology
 from flywheel_testing.rabbit import delete_names
 from flywheel_testing.s3 import S3Server
+from flywheel_testing.wait import close_within
 from flywheel_trainer_dispatch.main import create_app as create_trainer_dispatch
 from flywheel_trainer_dispatch.settings import TrainerDispatchSettings
 from flywheel_validator.main import create_app as create_validator
@@ -233,7 +234,7 @@ async def services(
         log_json=False,
     )
     built = Services(platform, topology, known_secrets, unique_bucket, tmp_path)
-    async with built.stack:
-        yield built
+    yield built
+    await close_within(built.stack, 60)
     queues = {q for app in built.apps.values() for q in app.state.runtime.topology.queue_names}
     await delete_names(rabbit_url, sorted(queues), [])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -49,3 +52,17 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise ConditionTimeoutError(f"{message} not met within {timeout}s (last: {last!r})")
         time.sleep(interval)
+
+
+async def close_within(stack: AsyncExitStack, seconds: float) -> None:
+    """Close ``stack``; if it has not stopped within ``seconds``, warn and print where every task
+    waits, then go on (a test's assertions are made by then; a hung shutdown must not hang the
+    whole run, and must say where it hangs)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stack.aclose()
+    except TimeoutError:
+        warnings.warn(f"the stack did not stop within {seconds:g}s", stacklevel=2)
+        for task in asyncio.all_tasks():
+            print(f"task {task.get_name()} still waiting:", file=sys.stderr)
+            task.print_stack(limit=8, file=sys.stderr)
