@@ -35,6 +35,7 @@ import hashlib
 import json
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -61,6 +62,7 @@ from flywheel_runtime.errors import (
 __all__ = [
     "AuthRequirement",
     "AuthSettings",
+    "CachingTokenVerifier",
     "CurrentPrincipal",
     "Principal",
     "TokenVerifier",
@@ -372,6 +374,39 @@ class TokenVerifier:
         self._fetched_at = self._attempted_at
         self._last_fetch_failed = False
         _log.info("jwks_fetched", url=url, kids=sorted(keys))
+
+
+class CachingTokenVerifier(TokenVerifier):
+    """A ``TokenVerifier`` that remembers verified tokens for a short while.
+
+    A client sends the same bearer token with every request (a label, a prediction), so checking
+    its signature once per token rather than once per request takes authentication off the hot
+    path. An entry lives ``max_age_s`` at most and never past the token's own ``exp``.
+    """
+
+    def __init__(
+        self, settings: AuthSettings, *, max_age_s: float = 60.0, max_entries: int = 4096
+    ) -> None:
+        super().__init__(settings)
+        self._max_age_s = max_age_s
+        self._max_entries = max_entries
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    async def verify(self, token: str) -> Principal:
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        principal = await super().verify(token)
+        expires = principal.claims.get("exp")
+        until = now + self._max_age_s
+        if isinstance(expires, int | float):
+            until = min(until, float(expires))
+        self._verified[token] = (principal, until)
+        self._verified.move_to_end(token)
+        while len(self._verified) > self._max_entries:
+            self._verified.popitem(last=False)
+        return principal
 
 
 def _parse_jwks(document: Any) -> dict[str, jwt.PyJWK] | None:

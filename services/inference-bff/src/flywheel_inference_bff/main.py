@@ -26,14 +26,13 @@ from flywheel_inference_bff.adapters.inference_log import (
 from flywheel_inference_bff.adapters.repository import SqlJobStore, SqlRouteStore
 from flywheel_inference_bff.adapters.triton import TritonInference
 from flywheel_inference_bff.api import routers
-from flywheel_inference_bff.api.deps import CachingTokenVerifier
 from flywheel_inference_bff.handlers import register
 from flywheel_inference_bff.jobs import BatchJobs, JobSettings
 from flywheel_inference_bff.metrics import BffMetrics
 from flywheel_inference_bff.service import Labels, Limits, Predictor, Routing
 from flywheel_inference_bff.settings import SERVICE, BffSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
-from flywheel_runtime.auth import TokenVerifier
+from flywheel_runtime.auth import CachingTokenVerifier, TokenVerifier
 from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.storage import ObjectStorage
 

@@ -10,12 +10,16 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from flywheel_inference_bff.api import routers
-from flywheel_inference_bff.api.deps import CachingTokenVerifier
 from flywheel_inference_bff.jobs import BatchJobs, JobSettings
 from flywheel_inference_bff.main import attach
 from flywheel_inference_bff.ports import JobState
 from flywheel_inference_bff.settings import BffSettings
-from flywheel_runtime.auth import AuthSettings, generate_dev_key, issue_dev_token
+from flywheel_runtime.auth import (
+    AuthSettings,
+    CachingTokenVerifier,
+    generate_dev_key,
+    issue_dev_token,
+)
 from flywheel_runtime.http import install_error_handlers
 
 from ..conftest import digit_image

@@ -15,12 +15,11 @@ from flywheel_labeling.adapters.fetch import HttpImageFetcher
 from flywheel_labeling.adapters.images import S3ImageStore
 from flywheel_labeling.adapters.repository import SqlStore
 from flywheel_labeling.api import routers
-from flywheel_labeling.api.deps import CachingTokenVerifier
 from flywheel_labeling.service import LabelingService, Limits, ProjectService
 from flywheel_labeling.settings import SERVICE, LabelingSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
 from flywheel_runtime.asyncapi import declare_publishes
-from flywheel_runtime.auth import TokenVerifier
+from flywheel_runtime.auth import CachingTokenVerifier, TokenVerifier
 from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.errors import DependencyUnavailableError
 from flywheel_runtime.storage import ObjectStorage

@@ -8,11 +8,15 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from flywheel_labeling.api import routers
-from flywheel_labeling.api.deps import CachingTokenVerifier
 from flywheel_labeling.main import attach
 from flywheel_labeling.service import LabelingService, Limits, ProjectService
 from flywheel_labeling.settings import LabelingSettings
-from flywheel_runtime.auth import AuthSettings, generate_dev_key, issue_dev_token
+from flywheel_runtime.auth import (
+    AuthSettings,
+    CachingTokenVerifier,
+    generate_dev_key,
+    issue_dev_token,
+)
 from flywheel_runtime.http import install_error_handlers
 
 from ..conftest import digit_image

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import time
-from collections import OrderedDict
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
@@ -16,42 +14,8 @@ from flywheel_inference_bff.errors import UnsupportedContentTypeError
 from flywheel_inference_bff.jobs import BatchJobs
 from flywheel_inference_bff.service import Predictor
 from flywheel_inference_bff.settings import BffSettings
-from flywheel_runtime.auth import AuthSettings, Principal, TokenVerifier, declares_auth
+from flywheel_runtime.auth import Principal, TokenVerifier, declares_auth
 from flywheel_runtime.errors import AuthenticationError, PermissionDeniedError
-
-
-class CachingTokenVerifier(TokenVerifier):
-    """A ``TokenVerifier`` that remembers verified tokens for a short while.
-
-    A client sends the same bearer token with every prediction, so checking its signature once
-    per token rather than once per request takes authentication off the hot path. An entry
-    lives ``max_age_s`` at most and never past the token's own ``exp``.
-    """
-
-    def __init__(
-        self, settings: AuthSettings, *, max_age_s: float = 60.0, max_entries: int = 4096
-    ) -> None:
-        super().__init__(settings)
-        self._max_age_s = max_age_s
-        self._max_entries = max_entries
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
-
-    async def verify(self, token: str) -> Principal:
-        now = time.time()
-        cached = self._verified.get(token)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        principal = await super().verify(token)
-        expires = principal.claims.get("exp")
-        until = now + self._max_age_s
-        if isinstance(expires, int | float):
-            until = min(until, float(expires))
-        self._verified[token] = (principal, until)
-        self._verified.move_to_end(token)
-        while len(self._verified) > self._max_entries:
-            self._verified.popitem(last=False)
-        return principal
-
 
 # Dependencies are coroutines: FastAPI runs plain functions in a worker thread, a thread hop
 # per request for what is an attribute lookup.

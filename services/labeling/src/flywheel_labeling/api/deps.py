@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import time
-from collections import OrderedDict
 from typing import Annotated, cast
 
 from fastapi import Depends, Header, Path, Query, Request
@@ -18,48 +16,13 @@ from flywheel_labeling.errors import (
 from flywheel_labeling.service import LabelingService, ProjectService
 from flywheel_labeling.settings import LabelingSettings
 from flywheel_runtime.auth import (
-    AuthSettings,
     CurrentPrincipal,
     Principal,
-    TokenVerifier,
     declares_auth,
     require_roles,
 )
 
 WEBHOOK_SECRET_HEADER = "X-Flywheel-Webhook-Secret"  # noqa: S105 - a header name
-
-
-class CachingTokenVerifier(TokenVerifier):
-    """A ``TokenVerifier`` that remembers verified tokens for a short while.
-
-    A labeling client sends the same bearer token with every label, so checking its signature
-    once per token rather than once per request takes authentication off the hot path. An entry
-    lives ``max_age_s`` at most and never past the token's own ``exp``.
-    """
-
-    def __init__(
-        self, settings: AuthSettings, *, max_age_s: float = 60.0, max_entries: int = 4096
-    ) -> None:
-        super().__init__(settings)
-        self._max_age_s = max_age_s
-        self._max_entries = max_entries
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
-
-    async def verify(self, token: str) -> Principal:
-        now = time.time()
-        cached = self._verified.get(token)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        principal = await super().verify(token)
-        expires = principal.claims.get("exp")
-        until = now + self._max_age_s
-        if isinstance(expires, int | float):
-            until = min(until, float(expires))
-        self._verified[token] = (principal, until)
-        self._verified.move_to_end(token)
-        while len(self._verified) > self._max_entries:
-            self._verified.popitem(last=False)
-        return principal
 
 
 # Dependencies are coroutines: FastAPI runs plain functions in a worker thread, a thread hop
