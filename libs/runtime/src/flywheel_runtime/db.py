@@ -39,22 +39,39 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+_CONFLICT_STATES = frozenset({"40001", "40P01"})
+"""SQLSTATEs of a transaction PostgreSQL aborted to break a conflict (serialization failure,
+deadlock): running the same transaction again is the documented remedy."""
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every cause and context below it, each once."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def is_transaction_conflict(error: BaseException) -> bool:
+    """Whether ``error`` is a deadlock or serialization failure somewhere down its chain."""
+    return any(getattr(link, "sqlstate", None) in _CONFLICT_STATES for link in _chain(error))
+
+
 def is_unavailable(error: BaseException) -> bool:
     """Whether ``error`` means the database could not be reached (rather than a bad query).
 
     The driver's error may sit several links down the chain (SQLAlchemy wraps asyncpg, which
     wraps the socket's), so the whole chain of causes and contexts is looked at.
     """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, _UNAVAILABLE):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(
+        (isinstance(link, DBAPIError) and link.connection_invalidated)
+        or isinstance(link, _UNAVAILABLE)
+        for link in _chain(error)
+    )
 
 
 class Database:

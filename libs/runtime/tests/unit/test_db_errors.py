@@ -3,7 +3,8 @@ import itertools
 import asyncpg
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
-from flywheel_runtime.db import is_unavailable
+from flywheel_runtime.db import is_transaction_conflict, is_unavailable
+from flywheel_runtime.messaging import is_retryable
 
 
 def _chained(*errors: BaseException) -> BaseException:
@@ -33,3 +34,25 @@ def test_a_bad_query_is_not_an_outage() -> None:
 
     assert not is_unavailable(error)
     assert not is_unavailable(looping)
+
+
+def test_a_deadlock_or_serialization_failure_is_retried_not_dead_lettered() -> None:
+    deadlock = asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+    adapted = RuntimeError("deadlock detected")
+    wrapped = _chained(DBAPIError("UPDATE windows", None, adapted), adapted, deadlock)
+    serialization = _chained(
+        RuntimeError("outer"),
+        asyncpg.exceptions.SerializationError("could not serialize access"),
+    )
+    constraint = _chained(
+        DBAPIError("INSERT", None, RuntimeError("dup")),
+        asyncpg.exceptions.UniqueViolationError("duplicate key"),
+    )
+
+    assert is_transaction_conflict(wrapped)
+    assert is_retryable(wrapped)
+    assert is_transaction_conflict(serialization)
+    assert is_retryable(serialization)
+    assert not is_transaction_conflict(constraint)
+    assert not is_retryable(constraint)
+    assert not is_unavailable(wrapped)
