@@ -41,6 +41,10 @@ UNREACHABLE = "http://127.0.0.1:9"
 """MLflow and Triton: nothing here should need them."""
 
 
+MAX_MESSAGE_BYTES = 64 * 1024
+"""The services' event size limit here: small, so an oversized poison stays cheap to send."""
+
+
 @dataclass
 class Services:
     """The running services of one test and the queues they consume from."""
@@ -99,6 +103,7 @@ async def services(
         mlflow_uri=UNREACHABLE,
         triton_url=UNREACHABLE,
         delivery_limit=topology.delivery_limit,
+        max_message_bytes=MAX_MESSAGE_BYTES,
         log_json=False,
     )
     suffix = uuid.uuid4().hex[:8]

@@ -25,7 +25,7 @@ from flywheel_runtime.storage import ObjectStorage
 from flywheel_testing.rabbit import queue_depth
 from flywheel_testing.wait import wait_for
 
-from .conftest import Services
+from .conftest import MAX_MESSAGE_BYTES, Services
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,14 @@ def poisons(event: type[Event[Any]]) -> dict[str, bytes]:
         ).encode(),
         "unknown-version": json.dumps(good | {"schema_version": 99}).encode(),
         "unknown-type": json.dumps(good | {"type": "bogus.event"}).encode(),
+        # A valid event padded past the size limit: refused unread, whatever it says.
+        "too-large": json.dumps(good | {"padding": "x" * MAX_MESSAGE_BYTES}).encode(),
     }
+
+
+KINDS = ("not-json", "schema", "unknown-version", "unknown-type", "too-large")
+CONSUMER_REASONS = {"too-large": "too_large"}
+"""The reason a consumer records per poison kind; ``rejected`` for the rest."""
 
 
 def processed(services: Services, queue: str, status: str | None = None) -> float:
@@ -111,30 +118,35 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
     for queue in queues:
         for kind, body in poisons(event_of(services, queue)).items():
             await services.put(queue, body, message_id=f"poison-{kind}", type="poison")
-    poisoned = len(queues) * 4
+    poisoned = len(queues) * len(KINDS)
 
     async def all_dead_lettered() -> bool:
         depths = [await queue_depth(services.rabbit_url, f"{q}.dlq") for q in queues]
-        return all(d >= 4 for d in depths)
+        return all(d >= len(KINDS) for d in depths)
 
     await wait_for(all_dead_lettered, timeout=30, message="poison in every DLQ")
 
     reasons: dict[str, int] = {}
+    explained = 0
     for queue in queues:
         seen = await replay(services.rabbit_url, queue, dry_run=True)
         assert sorted(m.message_id or "" for m in seen.messages) == sorted(
-            f"poison-{kind}" for kind in ("not-json", "schema", "unknown-version", "unknown-type")
+            f"poison-{kind}" for kind in KINDS
         ), queue
         for message in seen.messages:
             reasons[message.reason or "none"] = reasons.get(message.reason or "none", 0) + 1
-            # Rejected at its first delivery: never retried up to the delivery limit.
-            assert message.reason == "rejected", (queue, message)
+            kind = (message.message_id or "").removeprefix("poison-")
+            # Dead-lettered at its first delivery: never retried up to the delivery limit.
+            assert message.reason == CONSUMER_REASONS.get(kind, "rejected"), (queue, message)
             assert message.deaths == 1
+            # The consumer said why, in the message's headers.
+            assert message.error, (queue, message)
+            explained += 1
     within = sum(reasons.values())
 
     report = await queue_report(NO_MANAGEMENT, services.rabbit_url, services.topology.namespace)
     listed = {row.name: row.dlq_messages for row in report.queues}
-    assert all(listed.get(q) == 4 for q in queues), listed
+    assert all(listed.get(q) == len(KINDS) for q in queues), listed
 
     # A good event right behind the poison is handled.
     before = {q: processed(services, q) for q in queues}
@@ -166,7 +178,8 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
     print(
         f"queues={len(queues)} services={len(owners)} poisoned={poisoned} "
         f"dlq_within_deliveries={within}/{poisoned} (limit {limit}, reasons {reasons}) "
-        f"status_dlq_listed={sum(1 for q in queues if listed.get(q) == 4)}/{len(queues)} "
+        f"with_error_header={explained} "
+        f"status_dlq_listed={sum(1 for q in queues if listed.get(q) == len(KINDS))}/{len(queues)} "
         f"flowing=ok acked={acked} reached_without_mlflow={len(queues) - acked}"
     )
 

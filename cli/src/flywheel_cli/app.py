@@ -347,6 +347,7 @@ def dlq_replay(
     for message in report.messages:
         out.print(
             f"  {message.message_id or '-'}  {message.type or '-'}  reason={message.reason or '-'}"
+            + (f"  error={message.error}" if message.error else "")
         )
 
 

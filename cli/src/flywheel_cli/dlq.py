@@ -1,7 +1,9 @@
 """Dead-letter queues: list the non-empty ones, and replay one back into its queue.
 
-Queues dead-letter through ``flywheel.dlx`` into ``<queue>.dlq``; RabbitMQ records why and from
-where in the ``x-death`` / ``x-first-death-*`` headers. A replay re-publishes each message
+Queues dead-letter through ``flywheel.dlx`` into ``<queue>.dlq``. A consumer that gives up on a
+message puts it there itself with ``x-flywheel-*`` headers (the reason, the error, the queue);
+what RabbitMQ dead-letters on its own carries only its ``x-death`` / ``x-first-death-*``
+headers, which are read when the others are missing. A replay re-publishes each message
 through the default exchange with the queue's own name as routing key: re-publishing to the
 original topic exchange would hand the event again to every other service bound to it.
 
@@ -24,10 +26,18 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_cli.queues import queue_report
-from flywheel_contracts.topology import DLQ_SUFFIX, dead_letter_queue_name
+from flywheel_contracts.topology import (
+    DEAD_LETTER_HEADERS,
+    DEATHS_HEADER,
+    DLQ_SUFFIX,
+    ERROR_HEADER,
+    REASON_HEADER,
+    dead_letter_queue_name,
+)
 
-DROPPED_HEADERS = frozenset({"x-delivery-count"})
-"""Headers a replay leaves out: the quorum queue counts deliveries afresh."""
+DROPPED_HEADERS = frozenset({"x-delivery-count", *DEAD_LETTER_HEADERS})
+"""Headers a replay leaves out: the quorum queue counts deliveries afresh, and a new failure
+writes its own reason."""
 
 
 class DlqError(Exception):
@@ -44,7 +54,9 @@ class DeadLetter(BaseModel):
     type: str | None = None
     reason: str | None = None
     """Why it was dead-lettered (``rejected``: a non-retryable failure; ``delivery_limit``:
-    retried too often); from RabbitMQ's ``x-first-death-reason``."""
+    retried too often; ``too_large``: over the consumer's size limit)."""
+    error: str | None = None
+    """The consumer's error, when the consumer dead-lettered it."""
     deaths: int = 0
     """How many times it was dead-lettered from its queue (replays included)."""
 
@@ -63,8 +75,8 @@ class ReplayReport(BaseModel):
 
 
 def failure_reason(headers: dict[str, Any]) -> str | None:
-    """The broker's reason for the first dead-lettering, from whichever header carries it."""
-    reason = headers.get("x-first-death-reason")
+    """The reason for the latest dead-lettering by a consumer, else the broker's for the first."""
+    reason = headers.get(REASON_HEADER) or headers.get("x-first-death-reason")
     if reason is None:
         deaths = headers.get("x-death")
         if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
@@ -73,10 +85,13 @@ def failure_reason(headers: dict[str, Any]) -> str | None:
 
 
 def death_count(headers: dict[str, Any]) -> int:
+    """Dead-letterings by consumers and by the broker."""
+    by_consumers = headers.get(DEATHS_HEADER, 0)
+    total = by_consumers if isinstance(by_consumers, int) else 0
     deaths = headers.get("x-death")
-    if not isinstance(deaths, list):
-        return 0
-    return sum(int(d.get("count", 1)) for d in deaths if isinstance(d, dict))
+    if isinstance(deaths, list):
+        total += sum(int(d.get("count", 1)) for d in deaths if isinstance(d, dict))
+    return total
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -86,6 +101,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         correlation_id=message.correlation_id,
         type=message.type,
         reason=failure_reason(headers),
+        error=_text(headers.get(ERROR_HEADER)),
         deaths=death_count(headers),
     )
 

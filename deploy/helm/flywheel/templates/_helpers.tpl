@@ -106,6 +106,7 @@ FLYWHEEL_LOG_JSON: {{ .Values.platform.logJson | toString | quote }}
 FLYWHEEL_DELIVERY_LIMIT: {{ .Values.platform.deliveryLimit | toString | quote }}
 FLYWHEEL_RETRY_DELAY_S: {{ .Values.platform.retryDelayS | toString | quote }}
 FLYWHEEL_RETRY_DELAY_MAX_S: {{ .Values.platform.retryDelayMaxS | toString | quote }}
+FLYWHEEL_MAX_MESSAGE_BYTES: {{ .Values.platform.maxMessageBytes | int | toString | quote }}
 FLYWHEEL_ENVIRONMENT: {{ .Values.platform.environment | quote }}
 {{- with .Values.otel.endpoint }}
 FLYWHEEL_OTEL_ENDPOINT: {{ . | quote }}

@@ -18,6 +18,25 @@ DEAD_LETTER_EXCHANGE = "flywheel.dlx"
 
 DLQ_SUFFIX = ".dlq"
 
+REASON_HEADER = "x-flywheel-reason"
+"""Why a consumer dead-lettered a message: ``rejected`` (it can never succeed),
+``delivery_limit`` (it kept failing for a retryable reason) or ``too_large``."""
+
+ERROR_HEADER = "x-flywheel-error"
+"""The consumer's error, ``<type>: <message>``, cut to a thousand characters."""
+
+QUEUE_HEADER = "x-flywheel-queue"
+"""The queue the message was dead-lettered from."""
+
+DELIVERIES_HEADER = "x-flywheel-deliveries"
+"""Deliveries the message had when it was dead-lettered."""
+
+DEATHS_HEADER = "x-flywheel-deaths"
+"""Times a consumer dead-lettered this message (a replay keeps the count)."""
+
+DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, ERROR_HEADER, QUEUE_HEADER, DELIVERIES_HEADER})
+"""The headers that describe one dead-lettering; a replay drops them (the deaths count stays)."""
+
 
 def queue_name(service: str, routing_key: str) -> str:
     """Queue of one service's subscription to one event: ``<service>.<routing key>``."""

@@ -100,6 +100,8 @@ class ServiceRuntime:
             metrics_registry=telemetry.registry,
             retry_delay_s=platform.retry_delay_s,
             retry_delay_max_s=platform.retry_delay_max_s,
+            max_message_bytes=platform.max_message_bytes,
+            delivery_limit=platform.delivery_limit,
         )
         runtime = cls(name, platform, topology, telemetry, broker, migrations=migrations)
         runtime.checks["broker"] = runtime._ping_broker

@@ -8,6 +8,12 @@ A retryable failure waits before its requeue, doubling from ``retry_delay_s`` up
 ``retry_delay_max_s``: requeued at once, a good event would spend its whole delivery limit
 within the first second of a database restart and land in the dead-letter queue. Only the
 failing message waits; the consumer's other prefetched messages flow meanwhile.
+
+A message that goes to the dead-letter queue carries why: the middleware publishes it there
+itself (publisher confirm, ``mandatory``) with ``x-flywheel-*`` headers naming the reason, the
+error and the queue, and only then acknowledges it. RabbitMQ's own dead-lettering, which
+records no error, is the fallback when that publish fails, and remains the broker's guard for
+the delivery limit. A message larger than ``max_message_bytes`` is dead-lettered unread.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 import structlog
 from faststream import BaseMiddleware
-from faststream.exceptions import HandlerException, NackMessage, RejectMessage
+from faststream.exceptions import AckMessage, HandlerException, NackMessage, RejectMessage
 from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
@@ -29,6 +35,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from flywheel_contracts import Event
+from flywheel_contracts.topology import (
+    DEATHS_HEADER,
+    DELIVERIES_HEADER,
+    ERROR_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+)
+from flywheel_runtime.db import is_transaction_conflict
 from flywheel_runtime.errors import FlywheelError
 from flywheel_runtime.telemetry import TRACE_CONTEXTS
 from flywheel_runtime.topology import Topology
@@ -44,13 +58,39 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 """Errors of the infrastructure that a later delivery may not meet again."""
 
 
+ERROR_HEADER_CHARS = 1000
+
+
+class MessageTooLargeError(FlywheelError):
+    """A message above the consumer's size limit: dead-lettered without being parsed."""
+
+    code = "message_too_large"
+
+
+def dead_letter_headers(
+    headers: dict[str, Any], *, reason: str, error: BaseException, queue: str, deliveries: int
+) -> dict[str, Any]:
+    """``headers`` with this dead-lettering's reason, error, queue and count added."""
+    previous = headers.get(DEATHS_HEADER, 0)
+    deaths = previous if isinstance(previous, int) else 0
+    described = f"{type(error).__name__}: {error}"[:ERROR_HEADER_CHARS]
+    kept = {k: v for k, v in headers.items() if k != "x-delivery-count"}
+    return kept | {
+        REASON_HEADER: reason,
+        ERROR_HEADER: described,
+        QUEUE_HEADER: queue,
+        DELIVERIES_HEADER: deliveries,
+        DEATHS_HEADER: deaths + 1,
+    }
+
+
 def is_retryable(error: BaseException) -> bool:
     """Whether handling the same message again may succeed."""
     if isinstance(error, FlywheelError):
         return error.retryable
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
-    return isinstance(error, TRANSIENT_ERRORS)
+    return isinstance(error, TRANSIENT_ERRORS) or is_transaction_conflict(error)
 
 
 class ErrorToAckMiddleware(BaseMiddleware):
@@ -60,16 +100,31 @@ class ErrorToAckMiddleware(BaseMiddleware):
     """Wait before the first requeue; doubled on each later delivery."""
     retry_delay_max_s: float = 5.0
     """Longest wait before a requeue."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest message body a consumer reads; a larger one is dead-lettered unread."""
+    delivery_limit: int | None = None
+    """The queues' delivery limit: the last delivery a retryable failure may have is
+    dead-lettered here, with its error, instead of by the broker without one."""
 
     @classmethod
     def with_delays(
-        cls, retry_delay_s: float, retry_delay_max_s: float
+        cls,
+        retry_delay_s: float,
+        retry_delay_max_s: float,
+        *,
+        max_message_bytes: int = max_message_bytes,
+        delivery_limit: int | None = None,
     ) -> type[ErrorToAckMiddleware]:
-        """This middleware with other waits (FastStream instantiates it per message)."""
+        """This middleware with other settings (FastStream instantiates it per message)."""
         return type(
             cls.__name__,
             (cls,),
-            {"retry_delay_s": retry_delay_s, "retry_delay_max_s": retry_delay_max_s},
+            {
+                "retry_delay_s": retry_delay_s,
+                "retry_delay_max_s": retry_delay_max_s,
+                "max_message_bytes": max_message_bytes,
+                "delivery_limit": delivery_limit,
+            },
         )
 
     async def consume_scope(
@@ -77,28 +132,80 @@ class ErrorToAckMiddleware(BaseMiddleware):
         call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
         msg: StreamMessage[Any],
     ) -> Any:
+        delivery = _delivery_count(msg)
         try:
+            if len(msg.body) > self.max_message_bytes:
+                raise MessageTooLargeError(
+                    f"message of {len(msg.body)} bytes exceeds the limit of "
+                    f"{self.max_message_bytes} bytes"
+                )
             return await call_next(msg)
         except HandlerException:
             raise
         except Exception as error:
             retry = is_retryable(error)
+            last = self.delivery_limit is not None and delivery > self.delivery_limit
             log.error(
                 "message handling failed",
                 message_id=msg.message_id,
                 correlation_id=msg.correlation_id,
                 routing_key=msg.raw_message.routing_key,
-                delivery=_delivery_count(msg),
-                action="requeue" if retry else "dead-letter",
+                delivery=delivery,
+                action="requeue" if retry and not last else "dead-letter",
                 exc_info=error,
             )
-            if retry:
-                delivery = _delivery_count(msg)
+            if retry and not last:
                 await asyncio.sleep(
                     min(self.retry_delay_s * 2 ** (delivery - 1), self.retry_delay_max_s)
                 )
                 raise NackMessage(requeue=True) from error
+            if isinstance(error, MessageTooLargeError):
+                reason = "too_large"
+            else:
+                reason = "delivery_limit" if retry else "rejected"
+            if await self._dead_letter(msg, error, reason=reason, delivery=delivery):
+                raise AckMessage() from error
             raise RejectMessage(requeue=False) from error
+
+    async def _dead_letter(
+        self, msg: StreamMessage[Any], error: BaseException, *, reason: str, delivery: int
+    ) -> bool:
+        """Publish ``msg`` into its queue's dead-letter queue with why; False when it could
+        not (the caller then lets the broker dead-letter it)."""
+        queue = getattr(self.context.get_local("handler_"), "queue", None)
+        arguments = getattr(queue, "arguments", None) or {}
+        exchange = arguments.get("x-dead-letter-exchange")
+        routing_key = arguments.get("x-dead-letter-routing-key")
+        broker = self.context.get("broker")
+        if not (exchange and routing_key and broker is not None and queue is not None):
+            return False
+        raw = msg.raw_message
+        headers = dead_letter_headers(
+            dict(raw.headers or {}),
+            reason=reason,
+            error=error,
+            queue=queue.name,
+            deliveries=delivery,
+        )
+        try:
+            await broker.publish(
+                msg.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                headers=headers,
+                message_id=raw.message_id,
+                correlation_id=raw.correlation_id,
+                message_type=raw.type,
+                content_type=raw.content_type,
+                content_encoding=raw.content_encoding,
+                timestamp=raw.timestamp,
+                persist=True,
+                mandatory=True,
+            )
+        except Exception as failure:  # any failure: the broker's dead-lettering instead
+            log.warning("dead-letter publish failed; rejecting instead", error=repr(failure))
+            return False
+        return True
 
 
 class LogContextMiddleware(BaseMiddleware):
@@ -145,6 +252,8 @@ def create_broker(
     fail_fast: bool = True,
     retry_delay_s: float = ErrorToAckMiddleware.retry_delay_s,
     retry_delay_max_s: float = ErrorToAckMiddleware.retry_delay_max_s,
+    max_message_bytes: int = ErrorToAckMiddleware.max_message_bytes,
+    delivery_limit: int | None = None,
 ) -> RabbitBroker:
     """A RabbitMQ broker with publisher confirms, tracing, metrics and the error mapping.
 
@@ -157,7 +266,12 @@ def create_broker(
     ]
     if metrics_registry is not None:
         middlewares.append(RabbitPrometheusMiddleware(registry=metrics_registry, app_name=app_id))
-    error_to_ack = ErrorToAckMiddleware.with_delays(retry_delay_s, retry_delay_max_s)
+    error_to_ack = ErrorToAckMiddleware.with_delays(
+        retry_delay_s,
+        retry_delay_max_s,
+        max_message_bytes=max_message_bytes,
+        delivery_limit=delivery_limit,
+    )
     middlewares += [LogContextMiddleware, *extra_middlewares, error_to_ack]
     return RabbitBroker(
         url,

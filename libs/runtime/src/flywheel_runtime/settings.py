@@ -61,6 +61,10 @@ class PlatformSettings(BaseSettings):
     delivery_limit: int = Field(default=5, ge=1)
     """Deliveries of one message before its queue dead-letters it."""
 
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest event body a consumer reads; a larger one goes to the dead-letter queue unread
+    (events carry ids and summaries, never images)."""
+
     retry_delay_s: float = Field(default=0.2, ge=0)
     """Wait before requeueing a message whose handling failed for a retryable reason; doubled
     on each later delivery, so an outage of a few seconds does not use up the delivery limit."""

@@ -25,6 +25,13 @@ def create_app(settings: LogWorkerSettings | None = None) -> FastAPI:
     settings = settings or LogWorkerSettings()
     runtime = ServiceRuntime.create(SERVICE, settings.platform, namespace=settings.namespace)
     storage = ObjectStorage.from_settings(settings.platform)
+    consumer = QueueConsumer(
+        runtime.broker,
+        runtime.topology,
+        # Built before the runtime starts, so its dead-letter queue is declared with the rest.
+        runtime.topology.queue(SERVICE, InferenceLoggedV1),
+        prefetch=settings.prefetch_count,
+    )
     worker = LogWorker(
         ParquetBatchWriter(storage, settings.logs_bucket),
         WorkerMetrics.create(runtime.telemetry.registry),
@@ -32,19 +39,13 @@ def create_app(settings: LogWorkerSettings | None = None) -> FastAPI:
         max_wait_s=settings.max_wait_s,
         retry_initial_s=settings.retry_initial_s,
         retry_max_s=settings.retry_max_s,
-    )
-    consumer = QueueConsumer(
-        runtime.broker,
-        runtime.topology,
-        # Built before the runtime starts, so its dead-letter queue is declared with the rest.
-        runtime.topology.queue(SERVICE, InferenceLoggedV1),
-        worker.deliver,
-        prefetch=settings.prefetch_count,
+        max_message_bytes=settings.platform.max_message_bytes,
+        dead_letter=consumer.dead_letter,
     )
 
     async def start() -> None:
         worker.start()
-        await consumer.start()
+        await consumer.start(worker.deliver)
 
     async def stop() -> None:
         await consumer.cancel()

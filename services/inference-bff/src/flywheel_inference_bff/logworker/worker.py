@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
@@ -29,8 +30,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from flywheel_contracts import InferenceLoggedV1
+from flywheel_contracts.topology import dead_letter_queue_name
 from flywheel_inference_bff.logworker.writer import WrittenBatch
 from flywheel_runtime.errors import DependencyUnavailableError, FlywheelError
+from flywheel_runtime.messaging import MessageTooLargeError, dead_letter_headers
 from flywheel_runtime.topology import Topology
 
 log = structlog.get_logger(__name__)
@@ -51,6 +54,11 @@ class Delivery(Protocol):
     async def ack(self, multiple: bool = False) -> None: ...
 
     async def reject(self, requeue: bool = False) -> None: ...
+
+
+DeadLetter = Callable[[Delivery, str, BaseException], Awaitable[bool]]
+"""Puts a delivery into its dead-letter queue with the reason and error and acknowledges it;
+False when it could not (the worker then rejects it, and the broker dead-letters it)."""
 
 
 class BatchWriter(Protocol):
@@ -148,9 +156,13 @@ class LogWorker:
         max_wait_s: float,
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
+        max_message_bytes: int | None = None,
+        dead_letter: DeadLetter | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._writer = writer
+        self._max_message_bytes = max_message_bytes
+        self._dead_letter = dead_letter
         self._metrics = metrics
         self._batch_size = batch_size
         self._max_wait_s = max_wait_s
@@ -173,19 +185,36 @@ class LogWorker:
 
     async def deliver(self, delivery: Delivery) -> None:
         """Consumer callback: queue a valid event for the next batch, dead-letter anything else."""
+        size = len(delivery.body)
+        if self._max_message_bytes is not None and size > self._max_message_bytes:
+            too_large = MessageTooLargeError(
+                f"message of {size} bytes exceeds the limit of {self._max_message_bytes} bytes"
+            )
+            await self._refuse(delivery, "too_large", too_large)
+            return
         try:
             event = InferenceLoggedV1.model_validate_json(delivery.body)
         except ValidationError as error:
-            self._metrics.rejected.inc()
-            log.warning(
-                "malformed inference log dead-lettered",
-                message_id=delivery.message_id,
-                errors=error.errors(include_url=False, include_input=False)[:3],
-            )
-            await delivery.reject(requeue=False)
+            await self._refuse(delivery, "rejected", error)
             return
         self._hold(1)
         self._inbox.put_nowait((event, delivery, self._clock()))
+
+    async def _refuse(self, delivery: Delivery, reason: str, error: Exception) -> None:
+        self._metrics.rejected.inc()
+        details = (
+            error.errors(include_url=False, include_input=False)[:3]
+            if isinstance(error, ValidationError)
+            else str(error)
+        )
+        log.warning(
+            "inference log dead-lettered",
+            message_id=delivery.message_id,
+            reason=reason,
+            errors=details,
+        )
+        if self._dead_letter is None or not await self._dead_letter(delivery, reason, error):
+            await delivery.reject(requeue=False)
 
     def start(self) -> None:
         if self._task is None:
@@ -307,6 +336,12 @@ class LogWorker:
         self._metrics.pending.set(self._held)
 
 
+def _deliveries(delivery: Delivery) -> int:
+    headers = getattr(delivery, "headers", None) or {}
+    count = headers.get("x-delivery-count", 0)
+    return int(count) + 1 if isinstance(count, int) else 1
+
+
 class QueueConsumer:
     """Feeds ``LogWorker.deliver`` from the worker's queue on a channel of its own.
 
@@ -320,20 +355,18 @@ class QueueConsumer:
         broker: RabbitBroker,
         topology: Topology,
         queue: RabbitQueue,
-        callback: Callable[[AbstractIncomingMessage], Awaitable[None]],
         *,
         prefetch: int,
     ) -> None:
         self._broker = broker
         self._topology = topology
         self._spec = queue
-        self._callback = callback
         self._prefetch = prefetch
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
 
-    async def start(self) -> None:
+    async def start(self, callback: Callable[[AbstractIncomingMessage], Awaitable[None]]) -> None:
         connection = await self._broker.connect()
         exchange = await self._broker.declare_exchange(self._topology.inference_exchange)
         declared = await self._broker.declare_queue(self._spec)
@@ -341,7 +374,41 @@ class QueueConsumer:
         self._channel = await connection.channel()
         await self._channel.set_qos(prefetch_count=self._prefetch)
         self._queue = await self._channel.get_queue(self._spec.name)
-        self._tag = await self._queue.consume(self._callback)
+        self._tag = await self._queue.consume(callback)
+
+    async def dead_letter(self, delivery: Delivery, reason: str, error: BaseException) -> bool:
+        """Publish ``delivery`` into the queue's dead-letter queue with why (confirmed,
+        ``mandatory``), then acknowledge it; False when the publish failed."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return False
+        headers = dead_letter_headers(
+            dict(getattr(delivery, "headers", None) or {}),
+            reason=reason,
+            error=error,
+            queue=self._spec.name,
+            deliveries=_deliveries(delivery),
+        )
+        message = aio_pika.Message(
+            delivery.body,
+            headers=headers,
+            message_id=delivery.message_id,
+            correlation_id=getattr(delivery, "correlation_id", None),
+            type=getattr(delivery, "type", None),
+            content_type=getattr(delivery, "content_type", None),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await channel.default_exchange.publish(
+                message, routing_key=dead_letter_queue_name(self._spec.name), mandatory=True
+            )
+        except (AMQPError, ChannelInvalidStateError, ConnectionError) as failure:
+            log.warning("dead-letter publish failed; rejecting instead", error=repr(failure))
+            return False
+        # A lost ack leaves a copy behind, delivered and dead-lettered again: never lost.
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
+            await delivery.ack()
+        return True
 
     async def cancel(self) -> None:
         """Stop deliveries; messages already delivered stay ours to settle."""
