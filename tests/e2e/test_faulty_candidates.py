@@ -24,7 +24,27 @@ from .conftest import POLICY, LabelingTool, Loop, Running, steps_of, verdicts
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 SLOW_MS = 600
-"""Far beyond the champion's latency and the policy's slack on a busy machine."""
+"""Far beyond the champion's latency and the policy's slack on a busy machine, and well within
+the BFF's inference timeout (a slow answer, not an error)."""
+
+FAULTY_POLICY = POLICY.model_copy(
+    update={
+        "interval_s": 2.0,
+        "bake_s": 2.0,
+        "margins": POLICY.margins.model_copy(update={"latency_slack_ms": 200.0}),
+    }
+)
+"""The e2e policy with checks of two seconds and room for a busy machine's latency noise: a
+freshly loaded version's first answers must not fail the check that is meant to catch the
+wrong one's answers, and the slow one's 10 % must fill an interval."""
+
+POOL = 8
+"""Distinct digits the labeling tool cycles through: few enough that the champion has answered
+every input within the first interval, so the first counted check judges agreement."""
+
+CONCURRENCY = 8
+"""Requests the labeling tool keeps in flight: slow answers hold some of them, and the rest
+keep both versions' traffic flowing."""
 
 
 @pytest.fixture
@@ -73,6 +93,7 @@ async def rolled_back_at_first_failing_interval(
     counted = [c for c in checks if c["counted"]]
     assert [c["status"] for c in counted] == ["failed"], checks
     assert counted[0]["traffic_percent"] == POLICY.steps[0]
+    print(f"{candidate}: rolled back at 10 % on {counted[0].get('metrics')}")
 
     routing = bff.app.state.predictor.routing
 
@@ -107,18 +128,22 @@ async def test_slow_and_wrong_candidates_roll_back_at_their_first_failing_interv
     probe = await loop.stack.enter_async_context(
         EventProbe(loop.rabbit_url, loop.topology, RolloutStepV1, CanaryVerdictV1)
     )
-    rollout = await loop.start_rollout(faulty_triton)
+    rollout = await loop.start_rollout(faulty_triton, FAULTY_POLICY)
     bff = await loop.start_bff(faulty_triton)
-    tool = await loop.stack.enter_async_context(LabelingTool(loop, bff.client))
+    tool = await loop.stack.enter_async_context(
+        LabelingTool(loop, bff.client, pool=POOL, concurrency=CONCURRENCY)
+    )
     await tool.served(champion, n=5)
 
     reasons = await rolled_back_at_first_failing_interval(
         loop, probe, rollout, bff, tool, champion, slow, seen=1
     )
-    assert any(r.startswith("candidate latency p95") and r.endswith("fail") for r in reasons)
+    assert any(r.startswith("candidate latency p95") and r.endswith("fail") for r in reasons), (
+        reasons
+    )
 
     reasons = await rolled_back_at_first_failing_interval(
         loop, probe, rollout, bff, tool, champion, wrong, seen=2
     )
-    assert any(r.startswith("versions agree on") and r.endswith("fail") for r in reasons)
+    assert any(r.startswith("versions agree on") and r.endswith("fail") for r in reasons), reasons
     assert loop.alias("champion") == champion
