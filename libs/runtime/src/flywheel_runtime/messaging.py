@@ -67,6 +67,20 @@ class MessageTooLargeError(FlywheelError):
     code = "message_too_large"
 
 
+def check_size(body: bytes, limit: int | None) -> None:
+    """Raise ``MessageTooLargeError`` when ``body`` is over ``limit`` (None: no limit)."""
+    if limit is not None and len(body) > limit:
+        raise MessageTooLargeError(
+            f"message of {len(body)} bytes exceeds the limit of {limit} bytes"
+        )
+
+
+def delivery_count(headers: dict[str, Any] | None) -> int:
+    """Which delivery of its message this is, from the quorum queue's ``x-delivery-count``."""
+    count = (headers or {}).get("x-delivery-count", 0)
+    return int(count) + 1 if isinstance(count, int) else 1
+
+
 def dead_letter_headers(
     headers: dict[str, Any], *, reason: str, error: BaseException, queue: str, deliveries: int
 ) -> dict[str, Any]:
@@ -134,11 +148,7 @@ class ErrorToAckMiddleware(BaseMiddleware):
     ) -> Any:
         delivery = _delivery_count(msg)
         try:
-            if len(msg.body) > self.max_message_bytes:
-                raise MessageTooLargeError(
-                    f"message of {len(msg.body)} bytes exceeds the limit of "
-                    f"{self.max_message_bytes} bytes"
-                )
+            check_size(msg.body, self.max_message_bytes)
             return await call_next(msg)
         except HandlerException:
             raise
@@ -237,9 +247,7 @@ class TraceMemoryMiddleware(BaseMiddleware):
 
 
 def _delivery_count(msg: StreamMessage[Any]) -> int:
-    headers = msg.raw_message.headers or {}
-    count = headers.get("x-delivery-count", 0)
-    return int(count) + 1 if isinstance(count, int) else 1
+    return delivery_count(msg.raw_message.headers)
 
 
 def create_broker(

@@ -33,7 +33,12 @@ from flywheel_contracts import InferenceLoggedV1
 from flywheel_contracts.topology import dead_letter_queue_name
 from flywheel_inference_bff.logworker.writer import WrittenBatch
 from flywheel_runtime.errors import DependencyUnavailableError, FlywheelError
-from flywheel_runtime.messaging import MessageTooLargeError, dead_letter_headers
+from flywheel_runtime.messaging import (
+    MessageTooLargeError,
+    check_size,
+    dead_letter_headers,
+    delivery_count,
+)
 from flywheel_runtime.topology import Topology
 
 log = structlog.get_logger(__name__)
@@ -185,11 +190,9 @@ class LogWorker:
 
     async def deliver(self, delivery: Delivery) -> None:
         """Consumer callback: queue a valid event for the next batch, dead-letter anything else."""
-        size = len(delivery.body)
-        if self._max_message_bytes is not None and size > self._max_message_bytes:
-            too_large = MessageTooLargeError(
-                f"message of {size} bytes exceeds the limit of {self._max_message_bytes} bytes"
-            )
+        try:
+            check_size(delivery.body, self._max_message_bytes)
+        except MessageTooLargeError as too_large:
             await self._refuse(delivery, "too_large", too_large)
             return
         try:
@@ -336,12 +339,6 @@ class LogWorker:
         self._metrics.pending.set(self._held)
 
 
-def _deliveries(delivery: Delivery) -> int:
-    headers = getattr(delivery, "headers", None) or {}
-    count = headers.get("x-delivery-count", 0)
-    return int(count) + 1 if isinstance(count, int) else 1
-
-
 class QueueConsumer:
     """Feeds ``LogWorker.deliver`` from the worker's queue on a channel of its own.
 
@@ -387,7 +384,7 @@ class QueueConsumer:
             reason=reason,
             error=error,
             queue=self._spec.name,
-            deliveries=_deliveries(delivery),
+            deliveries=delivery_count(getattr(delivery, "headers", None)),
         )
         message = aio_pika.Message(
             delivery.body,
