@@ -83,6 +83,20 @@ class DependencyUnavailableError(FlywheelError):
         self.retry_after_s = retry_after_s
 
 
+class DependencyRefusedError(FlywheelError):
+    """A server we depend on refused our credentials or permissions.
+
+    That is our configuration's fault (wrong keys, missing grants), not the caller's nor a
+    passing outage: the service cannot do this work (503), and retrying the same request
+    cannot help until an operator fixes the configuration, so an event meeting it is
+    dead-lettered instead of redelivered until its limit.
+    """
+
+    code = "dependency_refused"
+    http_status = 503
+    retryable = False
+
+
 class RetryableError(FlywheelError):
     """Transient failure while handling an event: redeliver, bounded by the delivery limit."""
 

@@ -3,8 +3,9 @@
 The SDK is blocking, so every call runs in a worker thread (``asyncio.to_thread``) and the event
 loop keeps serving while S3 answers. Its failures are translated into the platform's error
 hierarchy: a server that does not answer or answers 5xx becomes ``DependencyUnavailableError``
-(retryable, so the broker requeues), a missing object becomes ``NotFoundError``; services never
-see ``minio`` or ``urllib3`` exceptions.
+(retryable, so the broker requeues), a missing object becomes ``NotFoundError``, and S3 refusing
+our credentials or permissions becomes ``DependencyRefusedError`` (503, not retryable: our
+configuration is wrong); services never see ``minio`` or ``urllib3`` exceptions.
 
 Artifacts that are referenced from events are stored content-addressed (key = SHA-256 of the
 bytes): writing the same upload twice yields the same key, which is what makes a redelivered
@@ -30,6 +31,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from pydantic import BaseModel, ConfigDict
 
 from flywheel_runtime.errors import (
+    DependencyRefusedError,
     DependencyUnavailableError,
     FlywheelError,
     InvalidInputError,
@@ -64,6 +66,26 @@ _T = TypeVar("_T")
 _NOT_FOUND_CODES: Final = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject"})
 # Another creator won the race between our existence check and our create: the goal is reached.
 _BUCKET_EXISTS_CODES: Final = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+# S3 refusing who we are or what we may do: wrong or expired keys, a signature made with the
+# wrong secret, region or clock, a policy without the grant. 401 and 403 answers without one of
+# these codes (a HEAD request has no body to name one) are refusals too.
+_REFUSED_CODES: Final = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "AuthorizationHeaderMalformed",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidSecurity",
+        "InvalidToken",
+        "MissingSecurityHeader",
+        "RequestTimeTooSkewed",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+    }
+)
+_REFUSED_STATUSES: Final = frozenset({401, 403})
 _USER_METADATA_PREFIX: Final = "x-amz-meta-"
 
 
@@ -327,8 +349,17 @@ class ObjectStorage:
                 raise DependencyUnavailableError(
                     "object storage failed", details=details | {"s3_code": exc.code}
                 ) from exc
+            if exc.code in _REFUSED_CODES or exc.response.status in _REFUSED_STATUSES:
+                # Only the S3 code: the server's own message may name our host or access key.
+                raise DependencyRefusedError(
+                    f"object storage refused the request ({exc.code}): check the service's S3 "
+                    "credentials and permissions",
+                    details=details | {"s3_code": exc.code},
+                ) from exc
+            # Any other 4xx is a request we should not have sent: our bug, a plain 500.
             raise FlywheelError(
-                "object storage refused the request", details=details | {"s3_code": exc.code}
+                f"object storage rejected the request ({exc.code})",
+                details=details | {"s3_code": exc.code},
             ) from exc
         except (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError) as exc:
             # Unreachable, timed out, 5xx after retries, or not an S3 server at all (a proxy's

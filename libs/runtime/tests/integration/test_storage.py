@@ -9,8 +9,8 @@ from minio import Minio
 from pydantic import SecretStr
 
 from flywheel_runtime.errors import (
+    DependencyRefusedError,
     DependencyUnavailableError,
-    FlywheelError,
     InvalidInputError,
     NotFoundError,
 )
@@ -138,14 +138,34 @@ async def test_from_settings_talks_to_the_configured_server(s3_server: S3Server)
 async def test_wrong_secret_is_a_permanent_error_not_unavailability(s3_server: S3Server) -> None:
     storage = ObjectStorage(s3_server.endpoint, s3_server.access_key, "not-the-secret")
     try:
-        with pytest.raises(FlywheelError) as raised:
+        with pytest.raises(DependencyRefusedError) as raised:
             await storage.ping()
     finally:
         storage.close()
 
     assert not isinstance(raised.value, DependencyUnavailableError)
     assert not raised.value.retryable
-    assert raised.value.details["s3_code"]
+    assert raised.value.http_status == 503
+    assert raised.value.details["s3_code"] == "SignatureDoesNotMatch"
+    assert "SignatureDoesNotMatch" in raised.value.message
+    shown = raised.value.message + str(raised.value.to_body())
+    assert s3_server.endpoint not in shown
+    assert s3_server.access_key not in shown
+    assert "not-the-secret" not in shown
+
+
+async def test_unknown_access_key_is_refused_by_its_s3_code(
+    s3_server: S3Server, unique_bucket: str
+) -> None:
+    storage = ObjectStorage(s3_server.endpoint, "no-such-access-key", s3_server.secret_key)
+    try:
+        with pytest.raises(DependencyRefusedError) as raised:
+            await storage.put(unique_bucket, "k", b"v")
+    finally:
+        storage.close()
+
+    assert raised.value.details["s3_code"] == "InvalidAccessKeyId"
+    assert "no-such-access-key" not in raised.value.message + str(raised.value.to_body())
 
 
 async def test_unreachable_endpoint_raises_dependency_unavailable_quickly() -> None:
