@@ -178,60 +178,62 @@ class Loop:
 
     # --- the services, with small-data, short-interval settings ---------------------------
 
+    def labeling_settings(self, **overrides: Any) -> LabelingSettings:
+        return LabelingSettings(
+            platform=self.platform,
+            auth=AuthSettings(dev_signing_key=self.key),
+            namespace=self.topology.namespace,
+            db_schema=self.schema("labeling"),
+            data_bucket=self.bucket,
+            **overrides,
+        )
+
     async def start_labeling(self) -> httpx.AsyncClient:
-        return await self.start(
-            create_labeling(
-                LabelingSettings(
-                    platform=self.platform,
-                    auth=AuthSettings(dev_signing_key=self.key),
-                    namespace=self.topology.namespace,
-                    db_schema=self.schema("labeling"),
-                    data_bucket=self.bucket,
-                )
-            )
+        return await self.start(create_labeling(self.labeling_settings()))
+
+    def validator_settings(
+        self, gates: Gates = SMALL_DATA_GATES, **overrides: Any
+    ) -> ValidatorSettings:
+        return ValidatorSettings(
+            platform=self.platform,
+            namespace=self.topology.namespace,
+            db_schema=self.schema("validator"),
+            data_bucket=self.bucket,
+            default_gates=gates,
+            latency_images=20,
+            **overrides,
+        )
+
+    def trainer_settings(self, runs_dir: Path, **overrides: Any) -> TrainerDispatchSettings:
+        return TrainerDispatchSettings(
+            platform=self.platform,
+            namespace=self.topology.namespace,
+            db_schema=self.schema("trainer-dispatch"),
+            data_bucket=self.bucket,
+            runs_dir=runs_dir,
+            epochs=3,
+            # The bootstrap champion is an ONNX file only: train from scratch.
+            base_alias=None,
+            poll_interval_s=0.2,
+            timeout_s=300,
+            **overrides,
+        )
+
+    def data_monitor_settings(self, **overrides: Any) -> DataMonitorSettings:
+        return DataMonitorSettings(
+            platform=self.platform,
+            namespace=self.topology.namespace,
+            db_schema=self.schema("data-monitor"),
+            data_bucket=self.bucket,
+            tick_interval_s=0.2,
+            **overrides,
         )
 
     async def start_training(self, runs_dir: Path, gates: Gates = SMALL_DATA_GATES) -> None:
         """data-monitor, trainer-dispatch and validator: labels in, model.validated out."""
-        await self.start(
-            create_validator(
-                ValidatorSettings(
-                    platform=self.platform,
-                    namespace=self.topology.namespace,
-                    db_schema=self.schema("validator"),
-                    data_bucket=self.bucket,
-                    default_gates=gates,
-                    latency_images=20,
-                )
-            )
-        )
-        await self.start(
-            create_trainer_dispatch(
-                TrainerDispatchSettings(
-                    platform=self.platform,
-                    namespace=self.topology.namespace,
-                    db_schema=self.schema("trainer-dispatch"),
-                    data_bucket=self.bucket,
-                    runs_dir=runs_dir,
-                    epochs=3,
-                    # The bootstrap champion is an ONNX file only: train from scratch.
-                    base_alias=None,
-                    poll_interval_s=0.2,
-                    timeout_s=300,
-                )
-            )
-        )
-        await self.start(
-            create_data_monitor(
-                DataMonitorSettings(
-                    platform=self.platform,
-                    namespace=self.topology.namespace,
-                    db_schema=self.schema("data-monitor"),
-                    data_bucket=self.bucket,
-                    tick_interval_s=0.2,
-                )
-            )
-        )
+        await self.start(create_validator(self.validator_settings(gates)))
+        await self.start(create_trainer_dispatch(self.trainer_settings(runs_dir)))
+        await self.start(create_data_monitor(self.data_monitor_settings()))
 
     def rollout_settings(
         self, triton: TritonServer, policy: CanaryPolicy = POLICY, **overrides: Any
@@ -255,23 +257,23 @@ class Loop:
     ) -> Running:
         return await self.run(create_rollout(self.rollout_settings(triton, policy, **overrides)))
 
-    async def start_bff(self, triton: TritonServer) -> Running:
-        return await self.run(
-            create_bff(
-                BffSettings(
-                    platform=self.serving_platform(triton),
-                    namespace=self.topology.namespace,
-                    db_schema=self.schema("inference-bff"),
-                    data_bucket=self.bucket,
-                    results_bucket=self.bucket,
-                    default_model_line=self.model_line,
-                    project_ids={self.model_line: PROJECT},
-                    auth=AuthSettings(dev_signing_key=self.key),
-                    champion_cache_s=0.5,
-                    inference_timeout_s=30,
-                )
-            )
+    def bff_settings(self, triton: TritonServer, **overrides: Any) -> BffSettings:
+        return BffSettings(
+            platform=self.serving_platform(triton),
+            namespace=self.topology.namespace,
+            db_schema=self.schema("inference-bff"),
+            data_bucket=self.bucket,
+            results_bucket=self.bucket,
+            default_model_line=self.model_line,
+            project_ids={self.model_line: PROJECT},
+            auth=AuthSettings(dev_signing_key=self.key),
+            champion_cache_s=0.5,
+            inference_timeout_s=30,
+            **overrides,
         )
+
+    async def start_bff(self, triton: TritonServer) -> Running:
+        return await self.run(create_bff(self.bff_settings(triton)))
 
     # --- the registry and Triton ----------------------------------------------------------
 
@@ -401,9 +403,18 @@ async def create_project(client: httpx.AsyncClient, loop: Loop, count: int) -> N
 
 
 async def post_mnist(
-    client: httpx.AsyncClient, loop: Loop, count: int, clients: int = 32
+    client: httpx.AsyncClient,
+    loop: Loop,
+    count: int,
+    clients: int = 32,
+    *,
+    through_restarts: bool = False,
 ) -> list[str]:
-    """Post the first ``count`` MNIST training digits, one label per request, from ``clients``."""
+    """Post the first ``count`` MNIST training digits, one label per request, from ``clients``.
+
+    ``through_restarts``: a request that finds labeling gone is sent again until it answers,
+    as a labeling tool would; a label saved before its answer was lost comes back unchanged.
+    """
     images, classes = load_mnist("train", limit=count)
     work: asyncio.Queue[int] = asyncio.Queue()
     for index in range(count):
@@ -414,13 +425,23 @@ async def post_mnist(
         label_ids = []
         while not work.empty():
             index = work.get_nowait()
-            response = await client.post(
-                "/v1/projects/digits/labels",
-                headers=headers,
-                files={"image": (f"{index}.png", to_png(images[index]), "image/png")},
-                data={"class_name": str(classes[index])},
+            while True:
+                try:
+                    response = await client.post(
+                        "/v1/projects/digits/labels",
+                        headers=headers,
+                        files={"image": (f"{index}.png", to_png(images[index]), "image/png")},
+                        data={"class_name": str(classes[index])},
+                    )
+                except httpx.TransportError:
+                    if not through_restarts:
+                        raise
+                    await asyncio.sleep(0.2)
+                    continue
+                break
+            assert response.status_code in ((200, 201) if through_restarts else (201,)), (
+                response.text
             )
-            assert response.status_code == 201, response.text
             label_ids.append(response.json()["label_id"])
         return label_ids
 
@@ -517,12 +538,18 @@ class LabelingTool:
     async def _once(self, index: int, *, label: bool) -> None:
         image = self._images[index]
         sent = datetime.now(UTC)
-        response = await self._bff.post(
-            "/predict",
-            files={"image": (f"{index}.png", image, "image/png")},
-            data={"model_line": self._loop.model_line},
-            headers=self._predict,
-        )
+        try:
+            response = await self._bff.post(
+                "/predict",
+                files={"image": (f"{index}.png", image, "image/png")},
+                data={"model_line": self._loop.model_line},
+                headers=self._predict,
+            )
+        except httpx.TransportError:
+            # The BFF restarting: a labeling tool tries again a moment later.
+            self.failures["unreachable"] += 1
+            await asyncio.sleep(0.2)
+            return
         if response.status_code != 200:
             self.failures[response.json().get("error", {}).get("code", "unknown")] += 1
             # A refused prediction (a version loading) is retried by the next loop; no spin.

@@ -1,22 +1,16 @@
 """Rollout killed mid-canary (SIGKILL, no shutdown at all) and started again: it resumes the
 canary where its database says it was and reaches the verdict it would have reached."""
 
-import asyncio
-import json
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from flywheel_contracts import CanaryOutcome, CanaryVerdictV1, RolloutStepV1
-from flywheel_rollout.settings import RolloutSettings
 from flywheel_serving.triton import TritonServer
 from flywheel_testing.events import EventProbe
 from flywheel_testing.net import free_port
+from flywheel_testing.processes import ServiceProcess
 from flywheel_testing.wait import wait_for
 
 from .conftest import POLICY, LabelingTool, Loop, steps_of, verdicts
@@ -35,76 +29,15 @@ RESTART_POLICY = POLICY.model_copy(
 )
 
 
-def environment(settings: RolloutSettings) -> dict[str, str]:
-    """``settings`` as the environment ``python -m flywheel_rollout`` reads."""
-    platform = settings.platform
-    env = {
-        "FLYWHEEL_RABBIT_URL": platform.rabbit_url.get_secret_value(),
-        "FLYWHEEL_DATABASE_URL": platform.database_url.get_secret_value(),
-        "FLYWHEEL_S3_ENDPOINT": platform.s3_endpoint,
-        "FLYWHEEL_S3_ACCESS_KEY": platform.s3_access_key.get_secret_value(),
-        "FLYWHEEL_S3_SECRET_KEY": platform.s3_secret_key.get_secret_value(),
-        "FLYWHEEL_MLFLOW_URI": platform.mlflow_uri,
-        "FLYWHEEL_TRITON_URL": platform.triton_url,
-        "FLYWHEEL_DELIVERY_LIMIT": str(platform.delivery_limit),
-        "FLYWHEEL_LOG_JSON": "false",
-    }
-    assert settings.auth is not None
-    assert settings.auth.dev_signing_key is not None
-    env["FLYWHEEL_ROLLOUT_AUTH"] = json.dumps(
-        {"dev_signing_key": settings.auth.dev_signing_key.get_secret_value()}
-    )
-    fields = settings.model_dump(mode="json", exclude={"platform", "auth"})
-    for name, value in fields.items():
-        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-        env[f"FLYWHEEL_ROLLOUT_{name.upper()}"] = text
-    return env
-
-
-class Process:
-    """``python -m flywheel_rollout`` as deployed, on a port of its own."""
-
-    def __init__(self, process: asyncio.subprocess.Process, url: str, log: Path) -> None:
-        self.process = process
-        self.url = url
-        self.log = log
-
-    async def ready(self) -> bool:
-        if self.process.returncode is not None:
-            tail = await asyncio.to_thread(self.log.read_text, errors="replace")
-            raise AssertionError(f"rollout exited with {self.process.returncode}:\n{tail[-3000:]}")
-        async with httpx.AsyncClient(base_url=self.url, timeout=2) as client:
-            try:
-                return (await client.get("/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-    async def kill(self) -> None:
-        """SIGKILL: no shutdown hook, no outbox flush, no broker goodbye."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-
 @pytest.fixture
 async def rollout_process(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
-) -> AsyncIterator[Process]:
+) -> AsyncIterator[ServiceProcess]:
     # The process reads its settings once, as it starts: MLflow must be in them already.
     loop.with_mlflow(mlflow_tracking_uri)
-    port = free_port()
-    settings = loop.rollout_settings(triton_server, RESTART_POLICY, http_port=port)
-    log = tmp_path / "rollout.log"
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "flywheel_rollout",
-            env=os.environ | environment(settings),
-            stdout=output,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    running = Process(process, f"http://127.0.0.1:{port}", log)
+    settings = loop.rollout_settings(triton_server, RESTART_POLICY, http_port=free_port())
+    running = ServiceProcess("flywheel_rollout", settings, tmp_path / "rollout.log")
+    await running.start()
     try:
         yield running
     finally:
@@ -115,7 +48,7 @@ async def test_rollout_killed_mid_canary_resumes_it_to_the_same_verdict(
     loop: Loop,
     mlflow_tracking_uri: str,
     triton_server: TritonServer,
-    rollout_process: Process,
+    rollout_process: ServiceProcess,
 ) -> None:
     loop.stack.push_async_callback(loop.unserve, triton_server)
     champion, candidate = loop.register(seed=1), loop.register(seed=1)

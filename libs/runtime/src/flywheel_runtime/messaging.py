@@ -44,6 +44,7 @@ from flywheel_contracts.topology import (
 )
 from flywheel_runtime.db import is_transaction_conflict
 from flywheel_runtime.errors import FlywheelError
+from flywheel_runtime.failpoints import failpoint
 from flywheel_runtime.telemetry import TRACE_CONTEXTS
 from flywheel_runtime.topology import Topology
 
@@ -149,7 +150,9 @@ class ErrorToAckMiddleware(BaseMiddleware):
         delivery = _delivery_count(msg)
         try:
             check_size(msg.body, self.max_message_bytes)
-            return await call_next(msg)
+            result = await call_next(msg)
+            failpoint("handler.done", (msg.raw_message.routing_key or "",))
+            return result
         except HandlerException:
             raise
         except Exception as error:

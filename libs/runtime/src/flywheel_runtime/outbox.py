@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flywheel_contracts import Event
 from flywheel_runtime.db import OUTBOX_DIRTY, Database
+from flywheel_runtime.failpoints import failpoint
 from flywheel_runtime.telemetry import TRACE_CONTEXTS
 from flywheel_runtime.topology import Topology
 
@@ -198,6 +199,8 @@ class OutboxRelay:
                 *(self._publisher.publish(m) for m in messages), return_exceptions=True
             )
             sent = [m.id for m, r in zip(messages, results, strict=True) if r is None]
+            if sent:
+                failpoint("outbox.published", {m.event_type for m in messages if m.id in sent})
             failed = [
                 (m.id, r)
                 for m, r in zip(messages, results, strict=True)

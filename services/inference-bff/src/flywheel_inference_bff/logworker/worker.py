@@ -33,6 +33,7 @@ from flywheel_contracts import InferenceLoggedV1
 from flywheel_contracts.topology import dead_letter_queue_name
 from flywheel_inference_bff.logworker.writer import WrittenBatch
 from flywheel_runtime.errors import DependencyUnavailableError, FlywheelError
+from flywheel_runtime.failpoints import failpoint
 from flywheel_runtime.messaging import (
     MessageTooLargeError,
     check_size,
@@ -307,6 +308,7 @@ class LogWorker:
             break
         self._failing = False
         self._metrics.batch_messages.set(0)
+        failpoint("batch.written")
         await self._settle(batch.deliveries, lambda d: d.ack())
         self._metrics.rows.inc(written.rows)
         self._metrics.batches.inc()
