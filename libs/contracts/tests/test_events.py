@@ -4,7 +4,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from flywheel_contracts import ALL_EVENTS, Event, LabelsSavedV1, ThresholdReachedV1
+from flywheel_contracts import (
+    ALL_EVENTS,
+    Event,
+    InferenceLoggedV1,
+    LabelsSavedV1,
+    ThresholdReachedV1,
+)
 from flywheel_contracts.envelope import EXAMPLE_EVENT_ID
 
 
@@ -66,3 +72,16 @@ def test_project_ids_are_slugs() -> None:
 
     with pytest.raises(ValidationError, match="project_id"):
         LabelsSavedV1.model_validate(body)
+
+
+def test_an_inference_log_from_a_producer_that_never_marks_unreachable_serving_reads_false() -> (
+    None
+):
+    body = InferenceLoggedV1.example().model_dump(mode="json")
+    del body["payload"]["serving_unavailable"]
+    body["payload"] |= {"status": "error", "error_code": "inference_unavailable"}
+
+    event = InferenceLoggedV1.model_validate(body)
+
+    # Such a failure is judged against its version, as before the field existed.
+    assert event.payload.serving_unavailable is False

@@ -22,7 +22,7 @@ from flywheel_inference_bff.errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     InferenceTimeoutError,
-    InferenceUnavailableError,
+    InferenceUnreachableError,
     ModelNotReadyError,
 )
 from flywheel_inference_bff.metrics import BffMetrics
@@ -121,7 +121,7 @@ class FakeInference:
     ) -> npt.NDArray[np.float32]:
         self.calls.append((model, version, len(images)))
         if self.down:
-            raise InferenceUnavailableError("inference server is unavailable")
+            raise InferenceUnreachableError("inference server is unavailable")
         if self.slow:
             raise InferenceTimeoutError("inference took longer than 1s", retry_after_s=1)
         if (model, version) not in self.loaded:
@@ -131,7 +131,7 @@ class FakeInference:
 
     async def ready(self) -> None:
         if self.down:
-            raise InferenceUnavailableError("inference server is unavailable")
+            raise InferenceUnreachableError("inference server is unavailable")
 
 
 @dataclass

@@ -459,6 +459,7 @@ def logged(
     latency_ms: float = 10.0,
     predicted_class: str | None = "7",
     error_code: str | None = None,
+    serving_unavailable: bool = False,
     line: str = LINE,
 ) -> InferenceLoggedV1:
     return InferenceLoggedV1.model_validate(
@@ -475,6 +476,7 @@ def logged(
                 "status": "ok" if ok else "error",
                 "error_code": None if ok else error_code or "model_error",
                 "served_at": START,
+                "serving_unavailable": serving_unavailable,
             }
         }
     )

@@ -428,6 +428,11 @@ class InferenceLoggedPayload(Payload):
     error_code: str | None = None
     route: Literal["online", "batch"] = "online"
     served_at: datetime
+    serving_unavailable: bool = False
+    """True when the request failed because the inference server could not be reached at all
+    (connection refused or dropped): no model saw it, so the failure says nothing about the
+    version. A failure the server answered (a model error, a version not loaded, a timeout)
+    leaves it False."""
 
 
 class InferenceLoggedV1(Event[InferenceLoggedPayload]):

@@ -3,7 +3,8 @@
 Errors about one input carry ``details["field"]``: the request field (``image``,
 ``images.3.image_b64``, ``tasks.0.data.image``) that was refused, so a client can point at it.
 Serving trouble is a 503 (504 for a timeout) with ``Retry-After``; a client mistake is never a
-500.
+500. ``InferenceUnreachableError`` tells "Triton is not there" from every failure Triton
+answered.
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class InferenceUnavailableError(DependencyUnavailableError):
     """Triton did not answer, or answered with its own failure."""
 
     code = "inference_unavailable"
+
+
+class InferenceUnreachableError(InferenceUnavailableError):
+    """Triton could not be reached at all (connection refused, reset or dropped): no model saw
+    the request. The client sees the same 503; the inference log marks it
+    ``serving_unavailable``, so a canary does not blame the version for it."""
 
 
 class ModelNotReadyError(DependencyUnavailableError):

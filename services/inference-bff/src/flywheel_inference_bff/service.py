@@ -6,7 +6,7 @@ the version (pinned, by routing key, or by the prediction's random bucket), chec
 runs the shared ``preprocess``, sends each version's images to Triton in chunks, applies softmax
 and keeps the top k. An image the client got wrong fails alone (its ``ItemFailure`` names the
 field); serving trouble fails the call with a 503/504 and every affected image is logged as an
-error.
+error, marked ``serving_unavailable`` when Triton could not be reached at all.
 
 ``Routing`` applies ``rollout.step``, ``canary.verdict`` and ``project.configured`` and answers
 which version serves a request; without weights the registry's champion alias does, read with a
@@ -39,6 +39,7 @@ from flywheel_contracts import (
 from flywheel_contracts.events import InferenceLoggedPayload
 from flywheel_inference_bff.errors import (
     FieldError,
+    InferenceUnreachableError,
     InvalidImageError,
     ModelLineNotFoundError,
     ModelUnusableError,
@@ -413,9 +414,12 @@ class Predictor:
             await self._infer([i for i in pending if i.error is None and not i.cached], labels)
         except FlywheelError as error:
             latency = _ms_since(started)
+            unreachable = isinstance(error, InferenceUnreachableError)
             for item in items:
                 if item.error is None:
-                    self._record_error(item, options, error.code, latency)
+                    self._record_error(
+                        item, options, error.code, latency, serving_unavailable=unreachable
+                    )
             raise
         latency = _ms_since(started)
         outcomes: list[Outcome] = []
@@ -576,7 +580,13 @@ class Predictor:
         )
 
     def _record_error(
-        self, item: _Item, options: PredictOptions, code: str, latency_ms: float
+        self,
+        item: _Item,
+        options: PredictOptions,
+        code: str,
+        latency_ms: float,
+        *,
+        serving_unavailable: bool = False,
     ) -> None:
         version = item.target.version
         self._metrics.predictions.labels(options.model_line, version, f"error:{code}").inc()
@@ -596,6 +606,7 @@ class Predictor:
                 "error_code": code,
                 "route": options.route,
                 "served_at": self._clock(),
+                "serving_unavailable": serving_unavailable,
             }
         )
 

@@ -189,6 +189,8 @@ async def test_serving_trouble_fails_the_call_and_every_image_is_logged_as_an_er
         "model_not_ready",
         "inference_unavailable",
     ]
+    # Only Triton away is marked: a version not loaded is that version's trouble.
+    assert [e.payload.serving_unavailable for e in w.log.events] == [False, False, True]
     assert (
         counter(
             w.metrics,

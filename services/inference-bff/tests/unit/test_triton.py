@@ -5,6 +5,7 @@ from tritonclient.utils import InferenceServerException
 from flywheel_inference_bff.adapters.triton import TritonInference, _translate
 from flywheel_inference_bff.errors import (
     InferenceUnavailableError,
+    InferenceUnreachableError,
     ModelNotReadyError,
     ModelUnusableError,
 )
@@ -27,8 +28,9 @@ DETAILS = {"model": "digits", "version": "3"}
             "StatusCode.UNAVAILABLE",
             ModelNotReadyError,
         ),
-        ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", InferenceUnavailableError),
+        ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", InferenceUnreachableError),
         ("internal failure", "500", InferenceUnavailableError),
+        ("Server is stopping", "503", InferenceUnavailableError),
         ("stub crashed", None, InferenceUnavailableError),
         ("unexpected shape for input 'image'", "400", ModelUnusableError),
         ("inference request for unknown input", "StatusCode.INVALID_ARGUMENT", ModelUnusableError),
@@ -49,11 +51,12 @@ async def test_a_server_that_is_not_there_is_unavailable(protocol: str) -> None:
     triton = TritonInference(f"127.0.0.1:{free_port()}", protocol=protocol, timeout_s=2)  # type: ignore[arg-type]
     images = np.zeros((1, 1, 28, 28), dtype=np.float32)
 
-    with pytest.raises(InferenceUnavailableError) as refused:
+    with pytest.raises(InferenceUnreachableError) as refused:
         await triton.infer("digits", "1", images)
-    with pytest.raises(InferenceUnavailableError):
+    with pytest.raises(InferenceUnreachableError):
         await triton.ready()
     await triton.close()
 
     assert refused.value.http_status == 503
+    assert refused.value.code == "inference_unavailable"
     assert refused.value.retryable

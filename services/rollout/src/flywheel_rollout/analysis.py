@@ -5,11 +5,15 @@ version and interval, so storage stays bounded however much traffic flows. Perce
 from the histogram as Prometheus' ``histogram_quantile`` does (linear within a bucket).
 
 A check is ``outage`` when most requests of *both* versions failed with an unavailable-dependency
-error: the serving stack was down, which says nothing about the candidate. It is
-``inconclusive`` when either version served fewer than ``min_requests``. Otherwise every metric
-is compared within its margin and any failure fails the check. Correction rates (labelers
-changing a version's pre-fill) are compared over the whole canary, since feedback is sparse;
-metrics without enough data are reported and not judged.
+error: the serving stack was down, which says nothing about the candidate. Requests that never
+reached a model (the BFF marks them ``serving_unavailable``: the inference server could not be
+reached) are left out of both versions' error rates and request counts whenever the champion
+met them too in the interval: serving was down, not the candidate. When only the candidate met them,
+its own endpoint was unreachable, and they count as its errors. Each check's reasons say how
+many were left out. It is ``inconclusive`` when either version has fewer than ``min_requests``
+left to judge. Otherwise every metric is compared within its margin and any failure fails the
+check. Correction rates (labelers changing a version's pre-fill) are compared over the whole
+canary, since feedback is sparse; metrics without enough data are reported and not judged.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ class Window(BaseModel):
     errors: int = 0
     outage_errors: int = 0
     """Errors whose code says a dependency (Triton, the network) was unavailable."""
+    unavailable_errors: int = 0
+    """Of those, the requests that never reached a model: the inference server could not be
+    reached at all."""
     latency_counts: list[int] = Field(default_factory=_empty_histogram)
     """Answered requests per latency bucket (``LATENCY_BOUNDS_MS``, then overflow)."""
     latency_sum_ms: float = 0.0
@@ -97,13 +104,21 @@ class Window(BaseModel):
     """Of those, the ones the labeler changed."""
 
     def add_request(
-        self, *, ok: bool, latency_ms: float, error_code: str | None, outage_codes: Sequence[str]
+        self,
+        *,
+        ok: bool,
+        latency_ms: float,
+        error_code: str | None,
+        outage_codes: Sequence[str],
+        serving_unavailable: bool = False,
     ) -> None:
         self.requests += 1
         if not ok:
             self.errors += 1
-            if error_code is not None and error_code in outage_codes:
+            if serving_unavailable or (error_code is not None and error_code in outage_codes):
                 self.outage_errors += 1
+            if serving_unavailable:
+                self.unavailable_errors += 1
             return
         self.latency_counts[bisect_left(LATENCY_BOUNDS_MS, latency_ms)] += 1
         self.latency_sum_ms += latency_ms
@@ -125,6 +140,7 @@ class Window(BaseModel):
             requests=self.requests + other.requests,
             errors=self.errors + other.errors,
             outage_errors=self.outage_errors + other.outage_errors,
+            unavailable_errors=self.unavailable_errors + other.unavailable_errors,
             latency_counts=[
                 a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)
             ],
@@ -133,6 +149,18 @@ class Window(BaseModel):
             disagreements=self.disagreements + other.disagreements,
             prefilled=self.prefilled + other.prefilled,
             corrected=self.corrected + other.corrected,
+        )
+
+    def reached(self) -> Window:
+        """This window without the requests that never reached a model."""
+        left = self.unavailable_errors
+        return self.model_copy(
+            update={
+                "requests": self.requests - left,
+                "errors": self.errors - left,
+                "outage_errors": self.outage_errors - left,
+                "unavailable_errors": 0,
+            }
         )
 
     @property
@@ -210,17 +238,27 @@ def analyse(
     policy: CanaryPolicy,
 ) -> Analysis:
     """Judge one interval; the feedback windows hold the whole canary's feedback so far."""
-    metrics = _metrics(candidate, champion, candidate_feedback, champion_feedback)
+    # The champion is the reference: if some of its requests could not reach the inference
+    # server, serving was down in this interval, for both versions alike.
+    excused = champion.unavailable_errors > 0
+    judged = (candidate.reached(), champion.reached()) if excused else (candidate, champion)
+    metrics = _metrics(candidate, champion, *judged, candidate_feedback, champion_feedback)
+    unavailable = _unavailable(candidate, champion, excused=excused)
+    noted = [] if unavailable is None else [unavailable]
     outage = _outage(candidate, champion, policy.outage_share)
     if outage is not None:
-        return Analysis(status=CheckStatus.OUTAGE, results=[], reasons=[outage], metrics=metrics)
+        return Analysis(
+            status=CheckStatus.OUTAGE, results=[], reasons=[outage, *noted], metrics=metrics
+        )
+    candidate, champion = judged  # from here on, only what reached a model is judged
     if min(candidate.requests, champion.requests) < policy.min_requests:
+        left = "requests left" if excused else "requests"
         reason = (
             f"too little traffic: candidate {candidate.requests}, champion {champion.requests} "
-            f"requests < {policy.min_requests}; not counted"
+            f"{left} < {policy.min_requests}; not counted"
         )
         return Analysis(
-            status=CheckStatus.INCONCLUSIVE, results=[], reasons=[reason], metrics=metrics
+            status=CheckStatus.INCONCLUSIVE, results=[], reasons=[reason, *noted], metrics=metrics
         )
     margins = policy.margins
     results = [
@@ -241,9 +279,26 @@ def analyse(
     return Analysis(
         status=CheckStatus.FAILED if failed else CheckStatus.PASSED,
         results=results,
-        reasons=[result.reason for result in results],
+        reasons=[*(result.reason for result in results), *noted],
         metrics=metrics,
     )
+
+
+def _unavailable(candidate: Window, champion: Window, *, excused: bool) -> str | None:
+    """What the check did with requests that never reached a model; None when there were none."""
+    ours, theirs = candidate.unavailable_errors, champion.unavailable_errors
+    if excused:
+        return (
+            f"serving unavailable: {ours} candidate and {theirs} champion requests never "
+            "reached a model (inference server unreachable); left out of the error rates, not "
+            "counted against the candidate"
+        )
+    if ours:
+        return (
+            f"serving unavailable for the candidate alone: {ours} of its requests never reached "
+            "a model while every champion request did; counted as its errors"
+        )
+    return None
 
 
 def _outage(candidate: Window, champion: Window, share: float) -> str | None:
@@ -360,15 +415,23 @@ def _agreement(candidate: Window, champion: Window, policy: CanaryPolicy) -> Met
 
 
 def _metrics(
-    candidate: Window, champion: Window, candidate_feedback: Window, champion_feedback: Window
+    candidate: Window,
+    champion: Window,
+    judged_candidate: Window,
+    judged_champion: Window,
+    candidate_feedback: Window,
+    champion_feedback: Window,
 ) -> dict[str, float]:
+    """Every number of a check: requests and outages as served, error rates as judged."""
     values: dict[str, float | None] = {
         "candidate_requests": candidate.requests,
         "champion_requests": champion.requests,
-        "candidate_error_rate": candidate.error_rate,
-        "champion_error_rate": champion.error_rate,
+        "candidate_error_rate": judged_candidate.error_rate,
+        "champion_error_rate": judged_champion.error_rate,
         "candidate_outage_rate": candidate.outage_rate,
         "champion_outage_rate": champion.outage_rate,
+        "candidate_unavailable_errors": candidate.unavailable_errors,
+        "champion_unavailable_errors": champion.unavailable_errors,
         "candidate_p95_ms": candidate.latency(0.95),
         "champion_p95_ms": champion.latency(0.95),
         "candidate_p99_ms": candidate.latency(0.99),

@@ -268,6 +268,7 @@ class Rollout:
                 latency_ms=logged.latency_ms,
                 error_code=logged.error_code,
                 outage_codes=self._outage_codes,
+                serving_unavailable=logged.serving_unavailable,
             )
             if ok and logged.predicted_class is not None:
                 other = live.other(version)

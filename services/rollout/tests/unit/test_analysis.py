@@ -23,6 +23,7 @@ def window(
     *,
     errors: int = 0,
     outage: int = 0,
+    unreachable: int = 0,
     latency_ms: float = 10.0,
     agree: int = 0,
     disagree: int = 0,
@@ -30,7 +31,15 @@ def window(
     corrected: int = 0,
 ) -> Window:
     built = Window()
-    for index in range(requests):
+    for _ in range(unreachable):
+        built.add_request(
+            ok=False,
+            latency_ms=1,
+            error_code="inference_unavailable",
+            outage_codes=OUTAGE,
+            serving_unavailable=True,
+        )
+    for index in range(requests - unreachable):
         if index < outage:
             built.add_request(
                 ok=False, latency_ms=1, error_code="dependency_unavailable", outage_codes=OUTAGE
@@ -207,3 +216,94 @@ def test_dependency_errors_of_the_candidate_alone_are_its_own_fault() -> None:
 
     assert result.status is CheckStatus.FAILED
     assert result.results[0].passed is False
+
+
+def test_a_window_counts_requests_that_never_reached_a_model_as_outage_errors() -> None:
+    built = window(10, errors=1, unreachable=4)
+
+    assert (built.requests, built.errors, built.outage_errors) == (10, 5, 4)
+    assert built.unavailable_errors == 4
+    reached = built.reached()
+    assert (reached.requests, reached.errors, reached.outage_errors) == (6, 1, 0)
+    assert reached.unavailable_errors == 0
+    assert built.merged(window(3, unreachable=2)).unavailable_errors == 6
+
+
+def test_requests_both_versions_could_not_get_to_the_server_are_left_out_and_said_so() -> None:
+    # Triton went away mid-interval: 8 of the candidate's 20 requests and 60 of the champion's
+    # 200 never reached a model. Counted as errors, that is 40 % against 30 %: a failed check.
+    candidate, champion = window(20, unreachable=8), window(200, unreachable=60)
+
+    result = analyse(candidate, champion, Window(), Window(), POLICY)
+
+    assert result.status is CheckStatus.PASSED
+    assert result.results[0].name == "error_rate"
+    assert (result.results[0].candidate, result.results[0].champion) == (0.0, 0.0)
+    assert result.reasons[-1] == (
+        "serving unavailable: 8 candidate and 60 champion requests never reached a model "
+        "(inference server unreachable); left out of the error rates, not counted against "
+        "the candidate"
+    )
+    assert result.metrics["candidate_unavailable_errors"] == 8
+    assert result.metrics["champion_unavailable_errors"] == 60
+    assert result.metrics["candidate_requests"] == 20
+    assert result.metrics["candidate_error_rate"] == 0.0
+
+
+def test_model_errors_are_still_judged_beside_requests_that_never_reached_a_model() -> None:
+    candidate = window(40, errors=6, unreachable=10)
+    champion = window(300, unreachable=100)
+
+    result = analyse(candidate, champion, Window(), Window(), POLICY)
+
+    assert result.status is CheckStatus.FAILED
+    assert result.results[0].candidate == pytest.approx(6 / 30)
+    assert result.results[0].reason == "candidate error rate 20.0% > champion 0.0% + 1.0%: fail"
+
+
+def test_the_champion_meeting_an_unreachable_server_alone_does_not_mask_the_candidate() -> None:
+    # Counted, the champion's 40 % would hide the candidate's 10 % model errors.
+    result = analyse(window(50, errors=5), window(100, unreachable=40), Window(), Window(), POLICY)
+
+    assert result.status is CheckStatus.FAILED
+    assert (result.results[0].candidate, result.results[0].champion) == (0.1, 0.0)
+    assert result.reasons[-1].startswith("serving unavailable: 0 candidate and 40 champion")
+
+
+def test_an_unreachable_server_for_the_candidate_alone_is_its_own_fault_and_said_so() -> None:
+    result = analyse(window(40, unreachable=10), window(200), Window(), Window(), POLICY)
+
+    assert result.status is CheckStatus.FAILED
+    assert result.results[0].candidate == 0.25
+    assert result.reasons[-1] == (
+        "serving unavailable for the candidate alone: 10 of its requests never reached a model "
+        "while every champion request did; counted as its errors"
+    )
+
+
+def test_too_little_left_once_unreachable_requests_are_left_out_is_inconclusive() -> None:
+    result = analyse(
+        window(12, unreachable=5), window(100, unreachable=40), Window(), Window(), POLICY
+    )
+
+    assert result.status is CheckStatus.INCONCLUSIVE
+    assert not result.status.counted
+    assert result.reasons == [
+        "too little traffic: candidate 7, champion 60 requests left < 10; not counted",
+        "serving unavailable: 5 candidate and 40 champion requests never reached a model "
+        "(inference server unreachable); left out of the error rates, not counted against "
+        "the candidate",
+    ]
+
+
+def test_an_interval_the_server_was_unreachable_throughout_is_an_outage_with_its_counts() -> None:
+    result = analyse(
+        window(12, unreachable=12), window(90, unreachable=88), Window(), Window(), POLICY
+    )
+
+    assert result.status is CheckStatus.OUTAGE
+    assert not result.status.counted
+    assert result.reasons[0].startswith("outage: 100% of candidate and 98% of champion")
+    assert result.reasons[1].startswith("serving unavailable: 12 candidate and 88 champion")
+    assert "candidate_error_rate" not in result.metrics  # nothing reached the candidate
+    assert result.metrics["champion_error_rate"] == 0.0

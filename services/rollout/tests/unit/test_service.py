@@ -293,6 +293,47 @@ async def test_checks_go_on_while_triton_is_away_and_judge_the_outage() -> None:
     assert h.store.only("2").state is CanaryState.RUNNING
 
 
+@pytest.mark.parametrize(
+    ("marked", "status"), [(True, CheckStatus.PASSED), (False, CheckStatus.FAILED)]
+)
+async def test_requests_that_never_reached_triton_are_left_out_of_the_check_and_recorded(
+    marked: bool, status: CheckStatus
+) -> None:
+    # Triton went away for part of the interval. Marked by the BFF, those requests say nothing
+    # about either version; the same errors unmarked are the candidate's: 33 % against 10 %.
+    h = harness()
+    await running(h)
+
+    for version, ok, failed in (("2", 30, 15), ("1", 90, 10)):
+        await h.serve(version, ok)
+        await h.serve(
+            version,
+            failed,
+            ok=False,
+            error_code="inference_unavailable",
+            serving_unavailable=marked,
+        )
+    await h.later(POLICY.interval_s)
+
+    [check] = h.store.state.checks
+    assert check.status is status
+    assert check.counted
+    assert (check.candidate.unavailable_errors, check.champion.unavailable_errors) == (
+        (15, 10) if marked else (0, 0)
+    )
+    noted = [r for r in check.reasons if r.startswith("serving unavailable")]
+    assert noted == (
+        [
+            "serving unavailable: 15 candidate and 10 champion requests never reached a model "
+            "(inference server unreachable); left out of the error rates, not counted against "
+            "the candidate"
+        ]
+        if marked
+        else []
+    )
+    assert h.store.only("2").failed_checks == (0 if marked else 1)
+
+
 # --- operator actions -------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ HTTP or gRPC, chosen by settings; tensors travel as binary data either way (HTTP
 extension, gRPC's raw contents), never as JSON number lists. The clients are created on the
 running event loop the first time they are needed (aiohttp and grpc.aio bind to it).
 
-Failures become the platform's errors: no answer → ``InferenceUnavailableError``; Triton saying
+Failures become the platform's errors: no connection → ``InferenceUnreachableError`` (no model saw
+the request); Triton failing the request itself → ``InferenceUnavailableError``; Triton saying
 the model or version is unknown or not ready → ``ModelNotReadyError``; past the timeout →
 ``InferenceTimeoutError``; anything else Triton refuses → ``ModelUnusableError`` (a deployment
 fault: the served model does not take what its registered files say it takes). Triton's own
@@ -27,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from flywheel_inference_bff.errors import (
     InferenceTimeoutError,
     InferenceUnavailableError,
+    InferenceUnreachableError,
     ModelNotReadyError,
     ModelUnusableError,
 )
@@ -41,9 +43,9 @@ TritonProtocol = Literal["http", "grpc"]
 # is not loaded: "Request for unknown model: 'm' is not found", "... version 3 is not at ready
 # state", "... has no available versions".
 _NOT_READY_MARKERS = ("unknown model", "not ready", "not at ready state", "no available versions")
+_GRPC_UNREACHABLE = "StatusCode.UNAVAILABLE"
 _UNAVAILABLE_STATUSES = frozenset(
     {
-        "StatusCode.UNAVAILABLE",
         "StatusCode.DEADLINE_EXCEEDED",
         "StatusCode.RESOURCE_EXHAUSTED",
         "StatusCode.CANCELLED",
@@ -84,7 +86,13 @@ class TritonInference:
         """Readiness check: Triton answers and says it is ready."""
         try:
             ready = await asyncio.wait_for(self._get_client().is_server_ready(), self._timeout_s)
-        except (TimeoutError, InferenceServerException, aiohttp.ClientError, OSError) as error:
+        except (aiohttp.ClientError, OSError) as error:
+            raise InferenceUnreachableError("inference server is unreachable") from error
+        except InferenceServerException as error:
+            if _unreachable(error):
+                raise InferenceUnreachableError("inference server is unreachable") from error
+            raise InferenceUnavailableError("inference server is unavailable") from error
+        except TimeoutError as error:
             raise InferenceUnavailableError("inference server is unavailable") from error
         if not ready:
             raise InferenceUnavailableError("inference server is not ready")
@@ -109,8 +117,8 @@ class TritonInference:
         except InferenceServerException as error:
             raise _translate(error, details) from error
         except (aiohttp.ClientError, OSError) as error:
-            raise InferenceUnavailableError(
-                "inference server is unavailable", details=details
+            raise InferenceUnreachableError(
+                "inference server is unreachable", details=details
             ) from error
         logits = result.as_numpy(OUTPUT_NAME)
         if logits is None:
@@ -148,6 +156,15 @@ def _translate(error: InferenceServerException, details: dict[str, str]) -> Flyw
             f"version {details['version']} of {details['model']!r} is not loaded",
             details=details,
         )
+    if _unreachable(error):
+        return InferenceUnreachableError("inference server is unreachable", details=details)
     if not status or status in _UNAVAILABLE_STATUSES or (status.isdigit() and int(status) >= 500):
         return InferenceUnavailableError("inference server failed", details=details)
     return ModelUnusableError("inference server refused the request", details=details)
+
+
+def _unreachable(error: InferenceServerException) -> bool:
+    # How grpc reports a connection it could not make or lost. Triton's own UNAVAILABLE means
+    # it is stopping (as good as gone) or a queue is full, and no queue here has a size limit:
+    # a slow version cannot pass its own failure off as the server's.
+    return str(error.status() or "") == _GRPC_UNREACHABLE

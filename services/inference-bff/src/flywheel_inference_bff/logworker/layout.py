@@ -45,6 +45,7 @@ SCHEMA: Final = pa.schema(
         pa.field("error_code", pa.string()),
         pa.field("route", pa.string(), nullable=False),
         pa.field("served_at", TIMESTAMP, nullable=False),
+        pa.field("serving_unavailable", pa.bool_()),
     ],
     metadata={"flywheel.event": InferenceLoggedV1.TYPE, "flywheel.version": "1"},
 )

@@ -67,6 +67,7 @@ _WINDOW_COUNTS = (
     "requests",
     "errors",
     "outage_errors",
+    "unavailable_errors",
     "latency_counts",
     "latency_sum_ms",
     "agreements",

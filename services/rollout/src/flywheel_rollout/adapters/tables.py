@@ -80,6 +80,7 @@ windows = Table(
     Column("requests", Integer, nullable=False),
     Column("errors", Integer, nullable=False),
     Column("outage_errors", Integer, nullable=False),
+    Column("unavailable_errors", Integer, nullable=False, server_default="0"),
     Column("latency_counts", ARRAY(Integer), nullable=False),
     Column("latency_sum_ms", Float, nullable=False),
     Column("agreements", Integer, nullable=False),
