@@ -5,7 +5,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import RabbitBroker, RabbitQueue
 from typer.testing import CliRunner
 
 import flywheel_cli.app as cli
@@ -224,3 +224,54 @@ def test_cli_dry_run_then_replay_and_list(
     assert depth == 1
     assert gone.exit_code == 1
     assert "does not exist" in gone.output
+
+
+async def test_a_per_replica_subscription_is_listed_and_replayed_once_into_every_live_replica(
+    rabbit_url: str, topology: Topology
+) -> None:
+    broker = create_broker(rabbit_url, app_id="dlq-test", delivery_limit=topology.delivery_limit)
+    consumers = {replica: Consumer() for replica in ("r1", "r2")}
+    queues = [topology.replica_queue("inference-bff", LabelsSavedV1, r) for r in consumers]
+
+    def subscribe(consumer: Consumer, queue: RabbitQueue) -> None:
+        @broker.subscriber(queue, topology.exchange_for(LabelsSavedV1))
+        async def handle(event: LabelsSavedV1) -> None:
+            if not consumer.fixed:
+                raise InvalidInputError("not yet")
+            consumer.handled.append(event)
+
+    for consumer, queue in zip(consumers.values(), queues, strict=True):
+        subscribe(consumer, queue)
+    await start_broker(broker, topology)
+    subscription = f"{topology.namespace}inference-bff.labels.saved"
+    try:
+        events = [saved(f"p{n}") for n in range(2)]
+        for event in events:
+            await publish_event(broker, topology, event)
+        # Each replica dead-letters its own copy of each event into the one shared DLQ.
+        await wait_for(lambda: _depth_is(rabbit_url, f"{subscription}.dlq", 4), message="4 dead")
+
+        rows = await non_empty("http://127.0.0.1:1", rabbit_url, topology.namespace)
+        with pytest.raises(DlqError, match=r"does not exist.*4 dead letter\(s\) stay"):
+            await replay(rabbit_url, subscription)  # nobody said where its replicas are
+        for consumer in consumers.values():
+            consumer.fixed = True
+        report = await replay(
+            rabbit_url, subscription, replicas=[*(q.name for q in queues), f"{subscription}.gone"]
+        )
+
+        async def each_replica_handled_both() -> bool:
+            return all(len(c.handled) >= 2 for c in consumers.values())
+
+        await wait_for(each_replica_handled_both, message="replayed into every replica")
+    finally:
+        await broker.stop()
+
+    assert [(r.queue, r.dead_letter_queue, r.messages) for r in rows] == [
+        (subscription, f"{subscription}.dlq", 4)
+    ]
+    assert report.targets == [q.name for q in queues]
+    assert (report.found, report.moved) == (4, 4)
+    for consumer in consumers.values():
+        assert sorted(e.event_id for e in consumer.handled) == sorted(e.event_id for e in events)
+    assert await queue_depth(rabbit_url, f"{subscription}.dlq") == 0

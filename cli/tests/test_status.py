@@ -120,7 +120,27 @@ def test_dead_letter_queues_fold_into_their_queue_row() -> None:
     assert rows == [
         QueueDepth(name="a.x", messages=3, consumers=1, dlq_messages=2),
         QueueDepth(name="b.y", messages=0, consumers=1, dlq_messages=None),
-        QueueDepth(name="orphan.dlq", messages=5, consumers=0, dlq_messages=None),
+        # Its queue is gone: the dead letters still show, under the queue's name.
+        QueueDepth(name="orphan", messages=0, consumers=None, dlq_messages=5),
+    ]
+
+
+def test_replica_queues_fold_into_their_subscription_row_with_its_shared_dlq() -> None:
+    rows = pair_dead_letters(
+        {
+            "inference-bff.rollout.step.r1": (1, 1),
+            "inference-bff.rollout.step.r2": (2, 1),
+            "inference-bff.rollout.step.dlq": (4, 0),
+            "inference-bff.canary.verdict.r1": (0, 1),
+            "rollout.model.validated": (0, 1),
+        }
+    )
+
+    assert rows == [
+        # No shared DLQ declared (an older BFF): the replica queue shows as it is.
+        QueueDepth(name="inference-bff.canary.verdict.r1", messages=0, consumers=1),
+        QueueDepth(name="inference-bff.rollout.step", messages=3, consumers=2, dlq_messages=4),
+        QueueDepth(name="rollout.model.validated", messages=0, consumers=1),
     ]
 
 

@@ -4,6 +4,8 @@ servers, under one test namespace; and a way to put any message straight into on
 Only the lifespan matters here (no HTTP calls): the services declare their queues and
 dead-letter queues and consume. MLflow and Triton are not started (their URLs lead nowhere): a
 poison event never gets that far, and a good one for the validator fails fast without them.
+The inference BFF runs as one replica: its routing queues are its own, and dead-letter into the
+subscription's shared ``<queue>.dlq`` (``dead_letter_queue``, ``subscription``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from flywheel_data_monitor.main import create_app as create_data_monitor
 from flywheel_data_monitor.settings import DataMonitorSettings
 from flywheel_inference_bff.logworker.main import create_app as create_log_worker
 from flywheel_inference_bff.logworker.settings import LogWorkerSettings
+from flywheel_inference_bff.main import create_app as create_bff
+from flywheel_inference_bff.settings import BffSettings
 from flywheel_rollout.main import create_app as create_rollout
 from flywheel_rollout.settings import RolloutSettings
 from flywheel_runtime.app import ServiceRuntime
+from flywheel_runtime.auth import AuthSettings, generate_dev_key
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.topology import Topology
 from flywheel_testing.rabbit import delete_names
@@ -65,6 +70,15 @@ class Services:
             for name in runtime.topology.queue_names
             if not name.endswith(DLQ_SUFFIX)
         }
+
+    def dead_letter_queue(self, queue: str) -> str:
+        """``queue``'s dead-letter queue, as its service's topology declared it."""
+        return self.runtimes[self.queues[queue]].topology.dead_letter_queue(queue).name
+
+    def subscription(self, queue: str) -> str:
+        """The subscription ``queue`` serves, as ``flywheel status`` names it: the queue
+        itself, or for a replica's own queue the name its shared dead-letter queue is of."""
+        return self.dead_letter_queue(queue).removesuffix(DLQ_SUFFIX)
 
     async def put(self, queue: str, body: bytes, **properties: Any) -> None:
         """Put one message into ``queue`` only (default exchange), confirmed by the broker."""
@@ -148,6 +162,17 @@ async def services(
                 repository_dir=tmp_path / "repository",
                 tick_s=1.0,
                 republish_s=3600,
+            )
+        ),
+        "inference-bff": create_bff(
+            BffSettings(
+                platform=platform,
+                namespace=ns,
+                db_schema=schema("inference-bff"),
+                data_bucket=unique_bucket,
+                results_bucket=unique_bucket,
+                replica_id="faults-1",
+                auth=AuthSettings(dev_signing_key=SecretStr(generate_dev_key())),
             )
         ),
         "log-worker": create_log_worker(

@@ -3,8 +3,10 @@ queue keeps flowing, ``flywheel status`` shows the dead letters, and a replay af
 handled.
 
 The queues are the ones the running services declared for their subscriptions (every
-``Topology.queue`` a service built), not a list kept here. Poison goes straight into one queue
-through the default exchange, so no other subscriber sees it.
+``Topology.queue`` and ``Topology.replica_queue`` a service built), not a list kept here. A BFF
+replica's own routing queue dead-letters into its subscription's shared ``<subscription>.dlq``,
+which ``flywheel status`` and ``flywheel dlq`` list under the subscription's name. Poison goes
+straight into one queue through the default exchange, so no other subscriber sees it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from flywheel_cli.dlq import replay
+from flywheel_cli.dlq import non_empty, replay
 from flywheel_cli.queues import queue_report
 from flywheel_contracts import ALL_EVENTS, Event, LabelsSavedV1
 from flywheel_contracts.datasets import SnapshotSegment
@@ -41,7 +43,13 @@ past the poison, but cannot succeed."""
 
 def event_of(services: Services, queue: str) -> type[Event[Any]]:
     owner = services.queues[queue]
-    return BY_ROUTING_KEY[queue.removeprefix(services.topology.namespace + owner + ".")]
+    subscription = services.subscription(queue)
+    return BY_ROUTING_KEY[subscription.removeprefix(services.topology.namespace + owner + ".")]
+
+
+def replicas(services: Services, queue: str) -> list[str]:
+    """Where a replay of ``queue``'s dead letters goes when it is a replica's own queue."""
+    return [] if services.subscription(queue) == queue else [queue]
 
 
 def poisons(event: type[Event[Any]]) -> dict[str, bytes]:
@@ -112,7 +120,17 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
 ) -> None:
     queues = sorted(services.queues)
     owners = set(services.queues.values())
-    assert {"data-monitor", "trainer-dispatch", "validator", "rollout", "log-worker"} <= owners
+    assert {
+        "data-monitor",
+        "trainer-dispatch",
+        "validator",
+        "rollout",
+        "log-worker",
+        "inference-bff",
+    } <= owners
+    # The BFF replica's own rollout.step, canary.verdict and project.configured queues.
+    per_replica = [q for q in queues if services.subscription(q) != q]
+    assert len(per_replica) == 3, queues
     limit = services.topology.delivery_limit
 
     for queue in queues:
@@ -121,7 +139,9 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
     poisoned = len(queues) * len(KINDS)
 
     async def all_dead_lettered() -> bool:
-        depths = [await queue_depth(services.rabbit_url, f"{q}.dlq") for q in queues]
+        depths = [
+            await queue_depth(services.rabbit_url, services.dead_letter_queue(q)) for q in queues
+        ]
         return all(d >= len(KINDS) for d in depths)
 
     await wait_for(all_dead_lettered, timeout=30, message="poison in every DLQ")
@@ -129,7 +149,12 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
     reasons: dict[str, int] = {}
     explained = 0
     for queue in queues:
-        seen = await replay(services.rabbit_url, queue, dry_run=True)
+        seen = await replay(
+            services.rabbit_url,
+            services.dead_letter_queue(queue),
+            dry_run=True,
+            replicas=replicas(services, queue),
+        )
         assert sorted(m.message_id or "" for m in seen.messages) == sorted(
             f"poison-{kind}" for kind in KINDS
         ), queue
@@ -142,11 +167,18 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
             # The consumer said why, in the message's headers.
             assert message.error, (queue, message)
             explained += 1
+        assert seen.targets == [queue], seen
     within = sum(reasons.values())
 
     report = await queue_report(NO_MANAGEMENT, services.rabbit_url, services.topology.namespace)
     listed = {row.name: row.dlq_messages for row in report.queues}
-    assert all(listed.get(q) == len(KINDS) for q in queues), listed
+    assert all(listed.get(services.subscription(q)) == len(KINDS) for q in queues), listed
+    dlq_listed = {
+        row.queue: row.messages
+        for row in await non_empty(NO_MANAGEMENT, services.rabbit_url, services.topology.namespace)
+    }
+    assert all(dlq_listed.get(services.subscription(q)) == len(KINDS) for q in queues), dlq_listed
+    status_listed = sum(1 for q in queues if listed.get(services.subscription(q)) == len(KINDS))
 
     # A good event right behind the poison is handled.
     before = {q: processed(services, q) for q in queues}
@@ -179,7 +211,8 @@ async def test_poison_on_every_queue_is_dead_lettered_and_the_queues_keep_flowin
         f"queues={len(queues)} services={len(owners)} poisoned={poisoned} "
         f"dlq_within_deliveries={within}/{poisoned} (limit {limit}, reasons {reasons}) "
         f"with_error_header={explained} "
-        f"status_dlq_listed={sum(1 for q in queues if listed.get(q) == len(KINDS))}/{len(queues)} "
+        f"status_dlq_listed={status_listed}/{len(queues)} dlq_listed={len(dlq_listed)} "
+        f"per_replica_queues={len(per_replica)} "
         f"flowing=ok acked={acked} reached_without_mlflow={len(queues) - acked}"
     )
 

@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel_cli.dlq import DlqError, non_empty, replay
+from flywheel_cli.dlq import DlqError, non_empty, queue_of, replay
 from flywheel_cli.endpoints import stack_urls
 from flywheel_cli.infra import InfraError
+from flywheel_cli.queues import replica_queues
 from flywheel_cli.scenarios import SCENARIOS, DemoError, DemoOptions
 from flywheel_cli.services import ACTIONS, Action, ServiceError, Services, TimelineEntry
 from flywheel_cli.settings import CliSettings
@@ -325,16 +326,14 @@ def dlq_replay(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Move the messages of `<queue>.dlq` back into `<queue>`, each acked after its confirm."""
+    """Move the messages of `<queue>.dlq` back into `<queue>` (into each live replica's queue
+    for a per-replica one), each acked after its confirm."""
     settings = settings_of(ctx)
+    rabbit_url = settings.platform.rabbit_url.get_secret_value()
     with reported_errors():
+        replicas = run_async(replica_queues(settings.management_url(), rabbit_url, queue_of(queue)))
         report = run_async(
-            replay(
-                settings.platform.rabbit_url.get_secret_value(),
-                queue,
-                limit=limit,
-                dry_run=dry_run,
-            )
+            replay(rabbit_url, queue, limit=limit, dry_run=dry_run, replicas=replicas)
         )
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
@@ -343,7 +342,8 @@ def dlq_replay(
     verb, count = (
         ("would move", len(report.messages)) if report.dry_run else ("moved", report.moved)
     )
-    out.print(f"{verb} {count} of {report.found} from {report.dead_letter_queue} to {report.queue}")
+    into = ", ".join(report.targets) or report.queue
+    out.print(f"{verb} {count} of {report.found} from {report.dead_letter_queue} to {into}")
     for message in report.messages:
         out.print(
             f"  {message.message_id or '-'}  {message.type or '-'}  reason={message.reason or '-'}"

@@ -12,17 +12,29 @@ confirms and ``mandatory`` (an unroutable message comes back as an error), and o
 acknowledged on the dead-letter queue. A failed publish puts the message back; an ack lost after
 a confirmed publish leaves a copy in the dead-letter queue, which consumers, idempotent by
 ``event_id``, would do nothing with if replayed again.
+
+A per-replica subscription (``<queue>.<replica>`` queues sharing ``<queue>.dlq``, no
+``<queue>`` of its own) is replayed into every live replica's queue: each replica must see
+every event, and a replica that failed on it earlier may have gone since. A message is
+acknowledged once every replica queue confirmed it; the other replicas' copies of the same
+event (same ``message_id``) are acknowledged without being sent again.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from aio_pika.exceptions import AMQPError
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_cli.queues import queue_report
@@ -72,6 +84,8 @@ class ReplayReport(BaseModel):
     moved: int
     """Messages re-published and acknowledged (0 on a dry run)."""
     messages: list[DeadLetter] = Field(default_factory=list)
+    targets: list[str] = Field(default_factory=list)
+    """Where they go: ``queue`` itself, or each live replica queue of a per-replica one."""
 
 
 def failure_reason(headers: dict[str, Any]) -> str | None:
@@ -138,8 +152,10 @@ async def replay(
     limit: int | None = None,
     dry_run: bool = False,
     timeout_s: float = 10.0,
+    replicas: Sequence[str] = (),
 ) -> ReplayReport:
-    """Move up to ``limit`` messages of ``<queue>.dlq`` back into ``<queue>``.
+    """Move up to ``limit`` messages of ``<queue>.dlq`` back into ``<queue>``, or, when there
+    is no ``<queue>``, into each of ``replicas`` (its per-replica queues) that exists.
 
     Only the messages present when the replay starts are taken, so one that fails again and
     returns to the dead-letter queue meanwhile is not replayed twice in one run.
@@ -158,11 +174,13 @@ async def replay(
             channel, dead_letter, f"dead-letter queue {dead_letter} does not exist"
         )
         depth = int(source.declaration_result.message_count or 0)
-        await _existing(
-            channel,
-            queue,
-            f"queue {queue} does not exist; its {depth} dead letter(s) stay in {dead_letter}",
-        )
+        targets = await _targets(connection, queue, replicas)
+        if not targets:
+            raise DlqError(
+                f"queue {queue} does not exist"
+                + (" and none of its replica queues does" if replicas else "")
+                + f"; its {depth} dead letter(s) stay in {dead_letter}"
+            )
         wanted = depth if limit is None else min(limit, depth)
         if dry_run:
             seen = await _peek(source, wanted)
@@ -173,8 +191,9 @@ async def replay(
                 found=depth,
                 moved=0,
                 messages=seen,
+                targets=targets,
             )
-        moved = await _move(channel, source, queue, wanted)
+        moved = await _move(channel, source, targets, wanted, once_per_event=targets != [queue])
     finally:
         await connection.close()
     return ReplayReport(
@@ -184,7 +203,31 @@ async def replay(
         found=depth,
         moved=len(moved),
         messages=moved,
+        targets=targets,
     )
+
+
+async def _targets(
+    connection: AbstractConnection, queue: str, replicas: Sequence[str]
+) -> list[str]:
+    """``[queue]`` when it exists, else those of ``replicas`` that exist (none: nowhere)."""
+    found = []
+    for name in (queue, *replicas):
+        # A passive declare of a missing queue closes its channel: one channel per look.
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except ChannelLockedResource:
+            pass  # a replica's exclusive queue, held by its live connection: it exists
+        except ChannelNotFoundEntity:
+            continue
+        finally:
+            with contextlib.suppress(AMQPError, ConnectionError):
+                await channel.close()
+        if name == queue:
+            return [queue]
+        found.append(name)
+    return found
 
 
 async def _existing(channel: AbstractChannel, name: str, missing: str) -> AbstractQueue:
@@ -212,24 +255,40 @@ async def _peek(source: AbstractQueue, wanted: int) -> list[DeadLetter]:
 
 
 async def _move(
-    channel: AbstractChannel, source: AbstractQueue, queue: str, wanted: int
+    channel: AbstractChannel,
+    source: AbstractQueue,
+    targets: Sequence[str],
+    wanted: int,
+    *,
+    once_per_event: bool,
 ) -> list[DeadLetter]:
+    """Move ``wanted`` messages of ``source`` into every one of ``targets``.
+
+    ``once_per_event``: a message whose id was already moved in this run is only acked. Each
+    replica that failed on an event dead-lettered its own copy; one copy reaches every replica.
+    """
     moved: list[DeadLetter] = []
+    sent: set[str] = set()
+    dead_letter = source.name
     while len(moved) < wanted:
         message = await source.get(no_ack=False, fail=False)
         if message is None:
             break
+        copy = once_per_event and message.message_id in sent
+        if once_per_event and message.message_id:
+            sent.add(message.message_id)
         try:
-            await channel.default_exchange.publish(
-                replayed(message), routing_key=queue, mandatory=True
-            )
+            for target in () if copy else targets:
+                await channel.default_exchange.publish(
+                    replayed(message), routing_key=target, mandatory=True
+                )
         except Exception as error:
             # Unroutable, refused or cut off: hand it back (a closed channel does that too).
             with contextlib.suppress(AMQPError, ConnectionError):
                 await message.nack(requeue=True)
             raise DlqError(
-                f"re-publishing {message.message_id} to {queue} failed ({error!r}); it and "
-                f"every message not yet moved stay in {dead_letter_queue_name(queue)} "
+                f"re-publishing {message.message_id} to {', '.join(targets)} failed "
+                f"({error!r}); it and every message not yet moved stay in {dead_letter} "
                 f"({len(moved)} moved)"
             ) from error
         await message.ack()

@@ -3,6 +3,10 @@
 One durable topic exchange carries the control loop; inference logs have their own exchange so
 their volume can never starve it. Every subscription is one quorum queue ``<service>.<event>``
 that dead-letters through ``flywheel.dlx`` into ``<queue>.dlq``.
+
+A subscription every replica must see on its own (the BFF's routing events) is one exclusive
+queue per replica, ``<service>.<event>.<replica>``, gone with the replica; all of them
+dead-letter into the subscription's one durable ``<service>.<event>.dlq``, which outlives them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, ERROR_HEADER, QUEUE_HEADER, DELI
 def queue_name(service: str, routing_key: str) -> str:
     """Queue of one service's subscription to one event: ``<service>.<routing key>``."""
     return f"{service}.{routing_key}"
+
+
+def replica_queue_name(subscription: str, replica: str) -> str:
+    """One replica's own queue of a subscription: ``<service>.<event>.<replica>``."""
+    return f"{subscription}.{replica}"
 
 
 def dead_letter_queue_name(queue: str) -> str:

@@ -23,7 +23,13 @@ from prometheus_client import make_asgi_app
 
 from flywheel_runtime.db import Database
 from flywheel_runtime.errors import DependencyUnavailableError
-from flywheel_runtime.http import ReadinessCheck, install_error_handlers, ops_router, run_readiness
+from flywheel_runtime.http import (
+    ReadinessCheck,
+    ServiceAPI,
+    install_error_handlers,
+    ops_router,
+    run_readiness,
+)
 from flywheel_runtime.logs import configure_logging
 from flywheel_runtime.messaging import create_broker, start_broker
 from flywheel_runtime.migrations import migrate
@@ -159,7 +165,8 @@ def fastapi_app(
     version: str = "0.1.0",
     routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
-    """A FastAPI app whose lifespan runs the runtime (for services with an HTTP API)."""
+    """A FastAPI app whose lifespan runs the runtime (for services with an HTTP API); its
+    OpenAPI document declares each operation's error responses (``ServiceAPI``)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -169,7 +176,7 @@ def fastapi_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(
+    app = ServiceAPI(
         title=title,
         version=version,
         lifespan=lifespan,

@@ -14,13 +14,19 @@ itself (publisher confirm, ``mandatory``) with ``x-flywheel-*`` headers naming t
 error and the queue, and only then acknowledges it. RabbitMQ's own dead-lettering, which
 records no error, is the fallback when that publish fails, and remains the broker's guard for
 the delivery limit. A message larger than ``max_message_bytes`` is dead-lettered unread.
+
+Classic queues (a replica's exclusive queue) neither count deliveries nor enforce a delivery
+limit: the middleware counts their deliveries itself (``DeliveryCounter``) and dead-letters a
+retryable failure at ``delivery_limit`` all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from faststream import BaseMiddleware
@@ -82,6 +88,41 @@ def delivery_count(headers: dict[str, Any] | None) -> int:
     return int(count) + 1 if isinstance(count, int) else 1
 
 
+DeliveryKey = tuple[str, str]
+"""A message on one queue: the queue's name and the message's id (or its body's digest)."""
+
+
+class DeliveryCounter:
+    """Deliveries of the messages of queues that count none themselves.
+
+    RabbitMQ counts deliveries (``x-delivery-count``) on quorum queues only; a classic queue
+    just flags a redelivery. On an exclusive queue this process is the one consumer, so its
+    own count is exact: it starts at a message's first delivery and is forgotten once the
+    message is settled. At most ``capacity`` unsettled messages are remembered, oldest
+    forgotten first (one forgotten counts as a second delivery when it comes back).
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._capacity = capacity
+        self._counts: OrderedDict[DeliveryKey, int] = OrderedDict()
+
+    def delivered(self, key: DeliveryKey, *, redelivered: bool) -> int:
+        """Count one delivery of ``key``'s message; returns which delivery this is."""
+        count = self._counts.get(key, 1) + 1 if redelivered else 1
+        self._counts[key] = count
+        self._counts.move_to_end(key)
+        while len(self._counts) > self._capacity:
+            self._counts.popitem(last=False)
+        return count
+
+    def settled(self, key: DeliveryKey) -> None:
+        """``key``'s message was acked or dead-lettered: it will not come back."""
+        self._counts.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
 def dead_letter_headers(
     headers: dict[str, Any], *, reason: str, error: BaseException, queue: str, deliveries: int
 ) -> dict[str, Any]:
@@ -119,7 +160,10 @@ class ErrorToAckMiddleware(BaseMiddleware):
     """Largest message body a consumer reads; a larger one is dead-lettered unread."""
     delivery_limit: int | None = None
     """The queues' delivery limit: the last delivery a retryable failure may have is
-    dead-lettered here, with its error, instead of by the broker without one."""
+    dead-lettered here, with its error, instead of by the broker without one (on a classic
+    queue, which has no limit of its own, only here)."""
+    deliveries: ClassVar[DeliveryCounter] = DeliveryCounter()
+    """Delivery counts of classic queues' messages, one counter per broker."""
 
     @classmethod
     def with_delays(
@@ -139,6 +183,7 @@ class ErrorToAckMiddleware(BaseMiddleware):
                 "retry_delay_max_s": retry_delay_max_s,
                 "max_message_bytes": max_message_bytes,
                 "delivery_limit": delivery_limit,
+                "deliveries": DeliveryCounter(),
             },
         )
 
@@ -147,7 +192,15 @@ class ErrorToAckMiddleware(BaseMiddleware):
         call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
         msg: StreamMessage[Any],
     ) -> Any:
-        delivery = _delivery_count(msg)
+        uncounted = self._uncounted(msg)
+        delivery = (
+            _delivery_count(msg)
+            if uncounted is None
+            else self.deliveries.delivered(
+                uncounted, redelivered=bool(getattr(msg.raw_message, "redelivered", False))
+            )
+        )
+        requeued = False
         try:
             check_size(msg.body, self.max_message_bytes)
             result = await call_next(msg)
@@ -168,6 +221,7 @@ class ErrorToAckMiddleware(BaseMiddleware):
                 exc_info=error,
             )
             if retry and not last:
+                requeued = True
                 await asyncio.sleep(
                     min(self.retry_delay_s * 2 ** (delivery - 1), self.retry_delay_max_s)
                 )
@@ -179,6 +233,19 @@ class ErrorToAckMiddleware(BaseMiddleware):
             if await self._dead_letter(msg, error, reason=reason, delivery=delivery):
                 raise AckMessage() from error
             raise RejectMessage(requeue=False) from error
+        finally:
+            if uncounted is not None and not requeued:
+                self.deliveries.settled(uncounted)
+
+    def _uncounted(self, msg: StreamMessage[Any]) -> DeliveryKey | None:
+        """The message's key when its queue counts no deliveries (a classic queue), else
+        None: the broker's ``x-delivery-count`` says which delivery it is."""
+        queue = getattr(self.context.get_local("handler_"), "queue", None)
+        arguments = getattr(queue, "arguments", None) or {}
+        if queue is None or arguments.get("x-queue-type", "classic") != "classic":
+            return None
+        identity = msg.raw_message.message_id or hashlib.sha256(msg.body).hexdigest()
+        return (str(queue.name), str(identity))
 
     async def _dead_letter(
         self, msg: StreamMessage[Any], error: BaseException, *, reason: str, delivery: int

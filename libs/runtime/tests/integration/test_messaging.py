@@ -4,7 +4,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import RabbitBroker, RabbitQueue
 
 from flywheel_contracts import LabelsSavedV1
 from flywheel_runtime.errors import InvalidInputError, RetryableError
@@ -130,3 +130,56 @@ async def test_retryable_error_is_redelivered_then_dead_lettered_while_others_fl
     dead = await drain(rabbit_url, dlq)
     assert len(dead) == 1
     assert LabelsSavedV1.model_validate_json(dead[0].body).payload.project_id == "flaky"
+
+
+async def test_replica_queues_dead_letter_into_one_shared_queue_that_outlives_them(
+    rabbit_url: str, topology: Topology
+) -> None:
+    # Classic queues count no deliveries: the middleware's own count applies the limit.
+    broker = create_broker(rabbit_url, app_id="test", delivery_limit=topology.delivery_limit)
+    calls: Counter[tuple[str, str]] = Counter()
+    replicas = [topology.replica_queue("svc", LabelsSavedV1, r) for r in ("r1", "r2")]
+
+    def subscribe(replica: str, queue: RabbitQueue) -> None:
+        @broker.subscriber(queue, topology.exchange_for(LabelsSavedV1))
+        async def handle(event: LabelsSavedV1) -> None:
+            calls[replica, event.payload.project_id] += 1
+            if event.payload.project_id == "flaky":
+                raise RetryableError("database is restarting")
+            if event.payload.project_id == "bad":
+                raise InvalidInputError("class 'cat' is not in the project")
+
+    for replica, queue in zip(("r1", "r2"), replicas, strict=True):
+        subscribe(replica, queue)
+    await start_broker(broker, topology)
+    try:
+        for project in ("flaky", "bad", "ok"):
+            await publish_event(broker, topology, _saved(project))
+        dlq = topology.dead_letter_queue(replicas[0].name).name
+        await wait_for(lambda: _depth_at_least(rabbit_url, dlq, 4), message="four dead letters")
+        await wait_for(lambda: _ready([c for c in calls if c[1] == "ok"], 2), message="ok")
+    finally:
+        await broker.stop()
+
+    # The replicas are gone with their connection; their dead letters are not.
+    dead = await drain(rabbit_url, dlq)
+    described = sorted(
+        (
+            LabelsSavedV1.model_validate_json(m.body).payload.project_id,
+            str((m.headers or {})["x-flywheel-queue"]),
+            str((m.headers or {})["x-flywheel-reason"]),
+            (m.headers or {})["x-flywheel-deliveries"],
+        )
+        for m in dead
+    )
+    limit = topology.delivery_limit
+    assert described == [
+        ("bad", replicas[0].name, "rejected", 1),
+        ("bad", replicas[1].name, "rejected", 1),
+        ("flaky", replicas[0].name, "delivery_limit", limit + 1),
+        ("flaky", replicas[1].name, "delivery_limit", limit + 1),
+    ]
+    assert calls == {
+        **{(r, "flaky"): limit + 1 for r in ("r1", "r2")},
+        **{(r, p): 1 for r in ("r1", "r2") for p in ("bad", "ok")},
+    }

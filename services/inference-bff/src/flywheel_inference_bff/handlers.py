@@ -5,44 +5,33 @@ Each replica must see every routing event, so each binds its own exclusive, auto
 replica only. The queues live as long as the replica's connection; a replica that starts later
 takes the weights stored by the others (``Routing.restore``). The handlers only hand the typed
 event to ``Routing``, which never raises for a stale or repeated event.
+
+An event a replica cannot handle (unreadable, or failing past the delivery limit) goes to the
+subscription's one durable dead-letter queue, ``inference-bff.<event>.dlq``, shared by every
+replica and outliving them (``Topology.replica_queue`` says why).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from faststream.rabbit import RabbitBroker, RabbitQueue
+from faststream.rabbit import RabbitBroker
 
 from flywheel_contracts import (
     CanaryVerdictV1,
-    Event,
     InferenceLoggedV1,
     ProjectConfiguredV1,
     RolloutStepV1,
 )
-from flywheel_contracts.topology import queue_name
 from flywheel_inference_bff.service import Routing
 from flywheel_inference_bff.settings import SERVICE
 from flywheel_runtime.asyncapi import declare_publishes
 from flywheel_runtime.topology import Topology
 
 
-def replica_queue(topology: Topology, event: type[Event[Any]], replica: str) -> RabbitQueue:
-    """This replica's own queue for ``event``: ``<ns>inference-bff.<event>.<replica>``."""
-    return RabbitQueue(
-        f"{topology.namespace}{queue_name(SERVICE, event.routing_key())}.{replica}",
-        durable=False,
-        exclusive=True,
-        auto_delete=True,
-        routing_key=event.routing_key(),
-    )
-
-
 def register(broker: RabbitBroker, topology: Topology, routing: Routing, replica: str) -> None:
     """Subscribe this replica to the routing events and document what the BFF publishes."""
 
     @broker.subscriber(
-        replica_queue(topology, RolloutStepV1, replica),
+        topology.replica_queue(SERVICE, RolloutStepV1, replica),
         topology.exchange_for(RolloutStepV1),
         title=f"{SERVICE}.{RolloutStepV1.routing_key()}:consume",
         description=(
@@ -55,7 +44,7 @@ def register(broker: RabbitBroker, topology: Topology, routing: Routing, replica
         await routing.rollout_step(event)
 
     @broker.subscriber(
-        replica_queue(topology, CanaryVerdictV1, replica),
+        topology.replica_queue(SERVICE, CanaryVerdictV1, replica),
         topology.exchange_for(CanaryVerdictV1),
         title=f"{SERVICE}.{CanaryVerdictV1.routing_key()}:consume",
         description=(
@@ -68,7 +57,7 @@ def register(broker: RabbitBroker, topology: Topology, routing: Routing, replica
         await routing.canary_verdict(event)
 
     @broker.subscriber(
-        replica_queue(topology, ProjectConfiguredV1, replica),
+        topology.replica_queue(SERVICE, ProjectConfiguredV1, replica),
         topology.exchange_for(ProjectConfiguredV1),
         title=f"{SERVICE}.{ProjectConfiguredV1.routing_key()}:consume",
         description="The project a model line belongs to, named in its inference logs.",

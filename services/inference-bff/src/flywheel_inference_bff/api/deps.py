@@ -16,6 +16,7 @@ from flywheel_inference_bff.service import Predictor
 from flywheel_inference_bff.settings import BffSettings
 from flywheel_runtime.auth import Principal, TokenVerifier, declares_auth
 from flywheel_runtime.errors import AuthenticationError, PermissionDeniedError
+from flywheel_runtime.http import answers
 
 # Dependencies are coroutines: FastAPI runs plain functions in a worker thread, a thread hop
 # per request for what is an attribute lookup.
@@ -117,6 +118,7 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+@answers(415)
 async def require_json(request: Request) -> None:
     """415 unless the body is JSON."""
     if media_type(request) != "application/json":

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Path
 
 from flywheel_contracts.events import SLUG
 from flywheel_inference_bff.api.deps import LabelStudio, PredictorDep, SettingsDep, require_json
+from flywheel_inference_bff.api.schemas import SERVING_ERRORS
 from flywheel_inference_bff.labelstudio import (
     LSPredictRequest,
     LSSetupRequest,
@@ -21,6 +22,7 @@ from flywheel_inference_bff.labelstudio import (
 )
 from flywheel_inference_bff.service import ItemFailure, PredictOptions
 from flywheel_inference_bff.settings import BffSettings
+from flywheel_runtime.http import error_responses
 
 PREFIX = "/label-studio"
 LINE_PREFIX = f"{PREFIX}/lines/{{model_line}}"
@@ -37,7 +39,9 @@ async def health() -> dict[str, str]:
     return {"status": "UP", "model_class": "FlywheelInferenceBFF"}
 
 
-@router.post(f"{PREFIX}/setup", dependencies=[Depends(require_json)])
+@router.post(
+    f"{PREFIX}/setup", dependencies=[Depends(require_json)], responses=error_responses(404)
+)
 async def setup(
     body: LSSetupRequest, predictor: PredictorDep, settings: SettingsDep, _: LabelStudio
 ) -> dict[str, str]:
@@ -45,7 +49,9 @@ async def setup(
     return await _setup(body, predictor, settings, settings.default_model_line)
 
 
-@router.post(f"{LINE_PREFIX}/setup", dependencies=[Depends(require_json)])
+@router.post(
+    f"{LINE_PREFIX}/setup", dependencies=[Depends(require_json)], responses=error_responses(404)
+)
 async def setup_line(
     model_line: LineParam,
     body: LSSetupRequest,
@@ -57,7 +63,7 @@ async def setup_line(
     return await _setup(body, predictor, settings, model_line)
 
 
-@router.post(f"{PREFIX}/predict", dependencies=[Depends(require_json)])
+@router.post(f"{PREFIX}/predict", dependencies=[Depends(require_json)], responses=SERVING_ERRORS)
 async def predict(
     body: LSPredictRequest, predictor: PredictorDep, settings: SettingsDep, _: LabelStudio
 ) -> dict[str, list[dict[str, Any]]]:
@@ -65,7 +71,9 @@ async def predict(
     return await _predict(body, predictor, settings, settings.default_model_line)
 
 
-@router.post(f"{LINE_PREFIX}/predict", dependencies=[Depends(require_json)])
+@router.post(
+    f"{LINE_PREFIX}/predict", dependencies=[Depends(require_json)], responses=SERVING_ERRORS
+)
 async def predict_line(
     model_line: LineParam,
     body: LSPredictRequest,

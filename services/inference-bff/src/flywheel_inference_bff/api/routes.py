@@ -21,6 +21,7 @@ from flywheel_inference_bff.api.deps import (
     require_json,
 )
 from flywheel_inference_bff.api.schemas import (
+    SERVING_ERRORS,
     BatchIn,
     BatchItemOut,
     BatchOut,
@@ -45,6 +46,7 @@ from flywheel_inference_bff.inputs import (
 from flywheel_inference_bff.jobs import JobRequest
 from flywheel_inference_bff.service import PredictOptions
 from flywheel_inference_bff.settings import BffSettings
+from flywheel_runtime.http import error_responses
 
 router = APIRouter(tags=["predict"])
 
@@ -75,7 +77,7 @@ _PREDICT_BODY: dict[str, Any] = {
 }
 
 
-@router.post("/predict", openapi_extra=_PREDICT_BODY)
+@router.post("/predict", openapi_extra=_PREDICT_BODY, responses=SERVING_ERRORS)
 async def predict(
     request: Request, predictor: PredictorDep, settings: SettingsDep, _: Predicter
 ) -> PredictionOut:
@@ -103,7 +105,10 @@ async def predict(
 @router.post(
     "/predict/batch",
     dependencies=[Depends(require_json)],
-    responses={202: {"model": JobOut, "description": "A batch job over a snapshot, queued."}},
+    responses={
+        202: {"model": JobOut, "description": "A batch job over a snapshot, queued."},
+        **SERVING_ERRORS,
+    },
 )
 async def predict_batch(
     batch: BatchIn,
@@ -152,7 +157,7 @@ async def get_batch_job(job_id: JobId, jobs: JobsDep, _: Predicter) -> JobOut:
 @router.get(
     "/predict/batch/{job_id}/results",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}}}},
+    responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(409)},
 )
 async def get_batch_results(job_id: JobId, jobs: JobsDep, _: Predicter) -> StreamingResponse:
     """The pseudo labels of a succeeded job as JSON lines; each line's ``label`` is a

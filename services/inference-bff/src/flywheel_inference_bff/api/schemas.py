@@ -12,6 +12,12 @@ from flywheel_contracts.datasets import Split
 from flywheel_contracts.events import SLUG
 from flywheel_inference_bff.ports import BatchJob, JobError, JobState
 from flywheel_inference_bff.service import ItemFailure, Outcome, Prediction
+from flywheel_runtime.http import error_responses
+
+SERVING_ERRORS = error_responses(404, 502, 504)
+"""What a route that runs a model may answer besides the errors every route of its kind gives:
+a model line with no serving version (404), a served model that does not fit its files (502),
+Triton answering too late (504)."""
 
 ModelLine = Field(default=None, pattern=SLUG, description="Model line; the default one if unset.")
 TopK = Field(default=None, ge=1, le=1000, description="Classes to return, best first.")

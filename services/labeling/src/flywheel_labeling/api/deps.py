@@ -21,6 +21,7 @@ from flywheel_runtime.auth import (
     declares_auth,
     require_roles,
 )
+from flywheel_runtime.http import answers
 
 WEBHOOK_SECRET_HEADER = "X-Flywheel-Webhook-Secret"  # noqa: S105 - a header name
 
@@ -61,6 +62,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+@answers(415)
 async def require_multipart(request: Request) -> None:
     """415 unless the body is ``multipart/form-data`` (checked before the body is parsed)."""
     if _media_type(request) != "multipart/form-data":
@@ -71,6 +73,7 @@ async def require_multipart(request: Request) -> None:
         )
 
 
+@answers(415)
 async def require_json(request: Request) -> None:
     """415 unless the body is JSON."""
     if _media_type(request) != "application/json":
@@ -81,6 +84,7 @@ async def require_json(request: Request) -> None:
         )
 
 
+@answers(403)  # the webhook is disabled: no secret is configured
 @declares_auth(schemes=("webhook_secret",))
 async def check_webhook_secret(
     settings: SettingsDep,

@@ -7,11 +7,12 @@ from fastapi import APIRouter, status
 from flywheel_labeling.api.deps import Admin, ProjectId, ProjectsDep, Reader
 from flywheel_labeling.api.schemas import ProjectOut
 from flywheel_labeling.ports import NewProject, ProjectChanges
+from flywheel_runtime.http import error_responses
 
 router = APIRouter(prefix="/v1/projects", tags=["projects"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=error_responses(409))
 async def create_project(spec: NewProject, projects: ProjectsDep, _: Admin) -> ProjectOut:
     """Create a project; emits project.configured."""
     return await projects.create(spec)

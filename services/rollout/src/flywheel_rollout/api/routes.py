@@ -19,6 +19,7 @@ from flywheel_rollout.api.deps import (
 )
 from flywheel_rollout.api.schemas import ActionIn, CanariesOut, ChecksOut, LineOut, TimelineOut
 from flywheel_rollout.ports import Canary, CanaryFilter, CanaryState, LineControl
+from flywheel_runtime.http import error_responses
 
 router = APIRouter(prefix="/api/v1", tags=["rollout"])
 
@@ -82,7 +83,7 @@ async def get_timeline(
     return TimelineOut(model_line=model_line, entries=entries)
 
 
-@router.post("/lines/{model_line}/promote", status_code=202)
+@router.post("/lines/{model_line}/promote", status_code=202, responses=error_responses(409))
 async def promote(
     model_line: ModelLine, rollout: RolloutDep, principal: Operator, body: ActionIn | None = None
 ) -> Canary:
@@ -90,7 +91,7 @@ async def promote(
     return await rollout.promote(model_line, principal.username, _reason(body))
 
 
-@router.post("/lines/{model_line}/rollback")
+@router.post("/lines/{model_line}/rollback", responses=error_responses(409))
 async def rollback(
     model_line: ModelLine, rollout: RolloutDep, principal: Operator, body: ActionIn | None = None
 ) -> Canary:
@@ -98,7 +99,7 @@ async def rollback(
     return await rollout.rollback(model_line, principal.username, _reason(body))
 
 
-@router.post("/lines/{model_line}/pause")
+@router.post("/lines/{model_line}/pause", responses=error_responses(409))
 async def pause(
     model_line: ModelLine, rollout: RolloutDep, principal: Operator, body: ActionIn | None = None
 ) -> Canary:
@@ -106,7 +107,7 @@ async def pause(
     return await rollout.pause(model_line, principal.username, _reason(body))
 
 
-@router.post("/lines/{model_line}/resume")
+@router.post("/lines/{model_line}/resume", responses=error_responses(409))
 async def resume(
     model_line: ModelLine, rollout: RolloutDep, principal: Operator, body: ActionIn | None = None
 ) -> Canary:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, status
 from fastapi.responses import PlainTextResponse
 
 from flywheel_contracts.events import SLUG
+from flywheel_runtime.http import error_responses
 from flywheel_trainer_dispatch.api.deps import (
     DispatchDep,
     IdempotencyKey,
@@ -83,7 +84,9 @@ async def get_run_log(run_id: RunId, dispatch: DispatchDep, _: Reader) -> PlainT
     )
 
 
-@router.post("/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(409)
+)
 async def cancel_run(run_id: RunId, dispatch: DispatchDep, _: Operator) -> RunDetailOut:
     """Cancel a run: a queued one at once; a running one is stopped by the instance watching
     it (``cancel_requested_at`` is set until then). 409 when it has already ended."""
