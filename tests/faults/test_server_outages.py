@@ -27,7 +27,13 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from flywheel_contracts import LabelsSavedV1, ThresholdReachedV1
+from flywheel_contracts import (
+    CanaryOutcome,
+    CanaryVerdictV1,
+    LabelsSavedV1,
+    RolloutStepV1,
+    ThresholdReachedV1,
+)
 from flywheel_contracts.topology import DLQ_SUFFIX
 from flywheel_data_monitor.main import create_app as create_data_monitor
 from flywheel_data_monitor.settings import DataMonitorSettings
@@ -86,7 +92,16 @@ OUTAGES = {
 @pytest.fixture(params=sorted(OUTAGES))
 def outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
     """Skips where the server is not this machine's; leaves it running whatever happens."""
-    chosen = OUTAGES[request.param]
+    yield from _controlled(request, OUTAGES[request.param])
+
+
+@pytest.fixture
+def rabbitmq_outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
+    """RabbitMQ only, for tests about what runs on the bus."""
+    yield from _controlled(request, OUTAGES["rabbitmq"])
+
+
+def _controlled(request: pytest.FixtureRequest, chosen: Outage) -> Iterator[Outage]:
     url = str(request.getfixturevalue(chosen.url_fixture))
     host = urlsplit(url.replace("+asyncpg", "")).hostname
     if shutil.which(chosen.stop[0][0] or "-") is None or host not in ("127.0.0.1", "localhost"):
@@ -229,3 +244,62 @@ async def _dead_letters(rabbit_url: str, queues: list[str]) -> dict[str, int]:
                 queue = await channel.declare_queue(name, passive=True)
                 counts[name] = queue.declaration_result.message_count or 0
     return counts
+
+
+CANARY_POLICY = e2e.POLICY.model_copy(
+    update={
+        "bake_s": 2.0,
+        "threshold": 3,
+        "margins": e2e.POLICY.margins.model_copy(update={"latency_slack_ms": 1000.0}),
+    }
+)
+"""Two versions of one model: this test is about the canary going on, not about judging."""
+
+
+async def test_a_canary_goes_on_to_its_verdict_across_a_broker_restart(
+    loop: Any, mlflow_tracking_uri: str, triton_server: Any, rabbitmq_outage: Outage
+) -> None:
+    loop.with_mlflow(mlflow_tracking_uri)
+    loop.platform = loop.platform.model_copy(update={"delivery_limit": 8})
+    loop.stack.push_async_callback(loop.unserve, triton_server)
+    champion, candidate = loop.register(seed=1), loop.register(seed=1)
+    loop.mlflow().set_registered_model_alias(loop.model_line, "champion", champion)
+    await loop.serve(triton_server, champion)
+    probe = await loop.stack.enter_async_context(
+        EventProbe(loop.rabbit_url, loop.topology, RolloutStepV1, CanaryVerdictV1, durable=True)
+    )
+    rollout = await loop.start_rollout(triton_server, CANARY_POLICY)
+    bff = await loop.start_bff(triton_server)
+    tool = await loop.stack.enter_async_context(e2e.LabelingTool(loop, bff.client))
+    await tool.served(champion, n=5)
+    await loop.publish(loop.validated(candidate, champion))
+    await probe.wait(RolloutStepV1, timeout=120)
+    await tool.served(candidate, n=2)
+
+    for command in rabbitmq_outage.stop:
+        await asyncio.to_thread(run, *command)
+    down = time.perf_counter()
+    answered = len(tool.answers)
+    # Predictions go on while the broker is away (their logs are dropped, and counted).
+    await wait_for(
+        lambda: _at_least([""] * (len(tool.answers) - answered), 50),
+        timeout=120,
+        message="predictions answered while the broker is down",
+    )
+    served_down = len(tool.answers) - answered
+    for command in rabbitmq_outage.start:
+        await asyncio.to_thread(run, *command)
+    down_s = time.perf_counter() - down
+
+    [verdict] = await e2e.verdicts(probe, rollout.client, loop, timeout=240)
+    steps = e2e.steps_of(probe.of(RolloutStepV1))
+    dead = await _dead_letters(loop.rabbit_url, rollout.app.state.runtime.topology.queue_names)
+    print(
+        f"\noutage=rabbitmq during=canary down_s={down_s:.1f} served_while_down={served_down} "
+        f"verdict={verdict.payload.verdict.value} steps={steps} "
+        f"predict_failures={dict(tool.failures)} dlq_messages={sum(dead.values())}"
+    )
+    assert verdict.payload.verdict is CanaryOutcome.PROMOTED, verdict.payload.reasons
+    assert steps == [(10, 1), (50, 2), (100, 3)]
+    assert sum(dead.values()) == 0, dead
+    await tool.served(candidate, n=5)
