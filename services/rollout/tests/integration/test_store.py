@@ -106,7 +106,11 @@ async def test_windows_round_trip_and_add_up_to_the_canarys_feedback(store: SqlS
         assert await tx.window(running.rollout_id, 0, "2") == first
         assert await tx.window(running.rollout_id, 0, "1") == Window()
         assert await tx.windows(running.rollout_id, 1) == {"2": second}
-        [total] = (await tx.feedback(running.rollout_id)).values()
+        totals = await tx.feedback(running.rollout_id)
+    # Reading a window opens it (empty) so that concurrent writers lock the same row.
+    assert totals.keys() == {"1", "2"}
+    assert totals["1"] == Window()
+    total = totals["2"]
     assert (total.requests, total.outage_errors, total.prefilled, total.corrected) == (2, 1, 2, 1)
     assert total.agreements == 1
     assert sum(total.latency_counts) == 1
@@ -198,3 +202,26 @@ async def test_a_decision_waiting_for_its_canary_is_not_overtaken_by_later_logs(
 
 async def _true() -> bool:
     return True
+
+
+async def test_logs_opening_the_same_window_at_once_both_count(store: SqlStore) -> None:
+    running = canary()
+    async with store.transaction() as tx:
+        await tx.add_canary(running)
+    inside = asyncio.Barrier(2)
+
+    async def count_one() -> None:
+        async with store.transaction() as tx:
+            await inside.wait()  # both transactions are open before either touches the window
+            window = await tx.window(running.rollout_id, 0, "2")
+            await tx.save_window(
+                running.rollout_id,
+                0,
+                "2",
+                window.model_copy(update={"requests": window.requests + 1}),
+            )
+
+    await asyncio.wait_for(asyncio.gather(count_one(), count_one()), timeout=30)
+
+    async with store.transaction() as tx:
+        assert (await tx.windows(running.rollout_id, 0))["2"].requests == 2

@@ -160,6 +160,15 @@ class SqlTransaction:
         return int(row.interval_index)
 
     async def window(self, rollout_id: uuid.UUID, interval: int, version: str) -> Window:
+        # Create the row before locking it: two logs opening the same window at once would
+        # otherwise both lock nothing, both start from zero, and the later upsert would erase
+        # the earlier count. The second insert waits for the first to commit, then does nothing.
+        empty = Window().model_dump(include=set(_WINDOW_COUNTS))
+        await self._session.execute(
+            insert(windows)
+            .values(rollout_id=rollout_id, interval_index=interval, version=version, **empty)
+            .on_conflict_do_nothing()
+        )
         row = (
             await self._session.execute(
                 select(windows)
