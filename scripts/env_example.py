@@ -28,6 +28,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("inference-bff", "flywheel_inference_bff.settings:BffSettings"),
     ("inference log worker", "flywheel_inference_bff.logworker.settings:LogWorkerSettings"),
     ("rollout", "flywheel_rollout.settings:RolloutSettings"),
+    ("workspaces", "flywheel_workspaces.settings:WorkspacesSettings"),
 ]
 
 TESTS = """\

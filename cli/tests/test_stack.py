@@ -121,3 +121,20 @@ def test_weed_runs_on_loopback_and_its_sockets_are_known_for_clean_up(tmp_path: 
     sockets = {path.name for path in weed_sockets(command)}
     assert "seaweedfs-s3-9333.sock" in sockets
     assert len(sockets) == 7
+
+
+def test_workspaces_runs_on_8088_with_its_environments_under_the_base_directory(
+    tmp_path: Path,
+) -> None:
+    key = generate_dev_key()
+    stack = Stack(CliSettings(base_dir=tmp_path, dev_signing_key=key))
+
+    env = stack.service_env(SERVICES_BY_NAME["workspaces"], 8088, running_servers(tmp_path))
+
+    assert CliSettings().ports.workspaces == 8088
+    assert env["FLYWHEEL_WORKSPACES_HTTP_PORT"] == "8088"
+    assert env["FLYWHEEL_WORKSPACES_LOCAL_ROOT"] == str(tmp_path / "workspaces")
+    assert env["FLYWHEEL_WORKSPACES_AUTH__DEV_SIGNING_KEY"] == key
+    assert plan_components(["workspaces"], is_installed=everything_installed).components == (
+        "workspaces",
+    )

@@ -88,8 +88,14 @@ DEPLOYABLES = (
         "flywheel_inference_bff.logworker.settings:LogWorkerSettings",
         "inference-bff",
     ),
+    Deployable(
+        "workspaces",
+        "flywheel_workspaces",
+        "flywheel_workspaces.settings:WorkspacesSettings",
+        "workspaces",
+    ),
 )
-"""Every process of the stack: the six services and the BFF's log worker (same image)."""
+"""Every process of the stack: the seven services and the BFF's log worker (same image)."""
 
 BY_NAME = {d.name: d for d in DEPLOYABLES}
 

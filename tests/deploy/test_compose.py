@@ -26,6 +26,7 @@ APP = {
     "rollout",
     "inference-bff",
     "log-worker",
+    "workspaces",
 }
 INFRA = {"rabbitmq", "postgres", "minio", "minio-init", "model-repository-init", "mlflow"}
 INFRA |= {"triton", "redis", "rabbitmq-provision"}

@@ -1,6 +1,8 @@
 import copy
 import functools
+import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,9 @@ from flywheel_testing.kube import (
     load_crd_schemas,
     validate_manifests,
 )
+from flywheel_workspaces.adapters import k8s_manifests as workspace_manifests
+from flywheel_workspaces.adapters.kubernetes import KubernetesBackend
+from flywheel_workspaces.ports import AllocationMode, Workspace, WorkspaceSpec, WorkspaceState
 
 from .conftest import provision
 
@@ -37,8 +42,17 @@ SERVICES = {
     "rollout",
     "inference-bff",
     "log-worker",
+    "workspaces",
 }
-EXPOSED = {"labeling", "inference-bff", "rollout"}
+EXPOSED = {"labeling", "inference-bff", "rollout", "workspaces"}
+CLUSTER_SCOPED = {
+    "ResourceFlavor",
+    "ClusterQueue",
+    "WorkloadPriorityClass",
+    "PriorityClass",
+    "Namespace",
+}
+DEV_NAMESPACE = "flywheel-dev"
 KUBE_VERSIONS = ["1.29", "1.37"]
 ANY_INTERFACE = "0.0.0.0"  # noqa: S104 - what a server in a container listens on
 
@@ -104,7 +118,7 @@ def test_chart_renders_offline(variant):
     assert kinds["Deployment"] >= len(SERVICES)
     assert "Secret" not in kinds, "secrets come from existingSecret, never from the chart"
     for d in docs(variant):
-        if d["kind"] not in {"ResourceFlavor", "ClusterQueue", "WorkloadPriorityClass"}:
+        if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"].get("namespace"), f"{d['kind']}/{d['metadata']['name']}"
 
 
@@ -262,7 +276,7 @@ def test_only_workloads_that_call_the_api_get_a_token(variant):
         for binding in of_kind(variant, "RoleBinding").values()
         for s in binding["subjects"]
     }
-    assert bound == {component("trainer-dispatch"), component("rollout")}
+    assert bound == {component("trainer-dispatch"), component("rollout"), component("workspaces")}
     for name, deployment in of_kind(variant, "Deployment").items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is (pod["serviceAccountName"] in bound), name
@@ -287,7 +301,7 @@ def test_each_service_has_its_objects(variant):
     }
     hpas = of_kind(variant, "HorizontalPodAutoscaler")
 
-    assert autoscaled >= SERVICES - {"rollout"}
+    assert autoscaled >= SERVICES - {"rollout", "workspaces"}
     for service in SERVICES:
         name = component(service)
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
@@ -566,10 +580,13 @@ def test_kueue_queues_reference_real_flavors_and_priorities_order_retrains_first
     cluster_queues = of_kind(variant, "ClusterQueue")
     local_queues = of_kind(variant, "LocalQueue")
     priorities = {n: p["value"] for n, p in of_kind(variant, "WorkloadPriorityClass").items()}
+    training = {q["name"] for q in _merged(variant)["training"]["clusterQueues"]}
 
     assert set(flavors) == {"bronze", "silver", "gold"}
     assert {lq["spec"]["clusterQueue"] for lq in local_queues.values()} == set(cluster_queues)
-    for name, queue in cluster_queues.items():
+    assert set(cluster_queues) == training | {"flywheel-dev"}
+    for name in training:
+        queue = cluster_queues[name]
         (group,) = queue["spec"]["resourceGroups"]
         assert group["coveredResources"] == ["cpu", "memory", "nvidia.com/gpu"], name
         for flavor in group["flavors"]:
@@ -596,6 +613,173 @@ def test_training_runs_land_in_the_charts_queues_and_policies(variant):
     assert backend["SECRETS__S3_SECRET"] == _merged(variant)["secrets"]["existingSecret"]
     assert backend["IMAGE"].rsplit(":", 1)[0].endswith("/flywheel-trainer")
     assert matches(selector["matchLabels"], run_labels)
+
+
+# --- Workspaces ----------------------------------------------------------------------------------
+
+
+def _workspaces_options(variant, catalog, settings_from):
+    """The workspaces service's Kubernetes options as the chart's ConfigMap sets them."""
+    config = of_kind(variant, "ConfigMap")[f"{component('workspaces')}-config"]["data"]
+    settings = settings_from(catalog["workspaces"], config)
+    assert settings.backend == "kubernetes"
+    return settings.kubernetes
+
+
+def _workspace(mode, profile=None):
+    return Workspace(
+        workspace_id=uuid.UUID("00000000-0000-4000-8000-0000000000aa"),
+        owner="alice@example.com",
+        spec=WorkspaceSpec(
+            image="registry.local/flywheel-ide:1",
+            gpu_type="a100",
+            mode=mode,
+            mig_profile=profile,
+        ),
+        state=WorkspaceState.PROVISIONING,
+        requested_at=datetime(2025, 1, 1, tzinfo=UTC),
+    )
+
+
+@variants
+def test_dev_environments_rank_below_every_training_priority(variant):
+    merged = _merged(variant)
+    pod_class = of_kind(variant, "PriorityClass")[DEV_NAMESPACE]
+    workload_classes = {n: p["value"] for n, p in of_kind(variant, "WorkloadPriorityClass").items()}
+    training = {c["name"] for c in merged["training"]["priorityClasses"]}
+
+    # Training pods carry no PriorityClass (0): any of them outranks an environment's pod.
+    assert pod_class["value"] < 0
+    assert pod_class["preemptionPolicy"] == "Never"
+    assert pod_class["globalDefault"] is False
+    assert workload_classes[DEV_NAMESPACE] < min(workload_classes[n] for n in training)
+
+
+@variants
+def test_the_dev_queue_shares_the_training_pools_and_never_borrows_or_preempts(variant):
+    queue = of_kind(variant, "ClusterQueue")[DEV_NAMESPACE]["spec"]
+    [local] = [
+        q
+        for q in of_kind(variant, "LocalQueue").values()
+        if q["spec"]["clusterQueue"] == DEV_NAMESPACE
+    ]
+    flavors = of_kind(variant, "ResourceFlavor")
+    (group,) = queue["resourceGroups"]
+
+    assert queue["cohortName"] == _merged(variant)["training"]["cohort"]
+    assert queue["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": DEV_NAMESPACE
+    }
+    assert queue["preemption"] == {"withinClusterQueue": "Never", "reclaimWithinCohort": "Never"}
+    assert local["metadata"]["namespace"] == DEV_NAMESPACE
+    assert {"cpu", "memory", "nvidia.com/gpu"} <= set(group["coveredResources"])
+    for flavor in group["flavors"]:
+        assert flavor["name"] in flavors
+        assert [r["name"] for r in flavor["resources"]] == group["coveredResources"]
+        assert all(r["borrowingLimit"] == "0" for r in flavor["resources"]), flavor["name"]
+
+
+@variants
+def test_the_dev_namespace_is_restricted_kept_and_denies_by_default(variant):
+    namespace = of_kind(variant, "Namespace")[DEV_NAMESPACE]
+    deny = of_kind(variant, "NetworkPolicy")[f"{RELEASE}-workspaces-default-deny"]
+
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert namespace["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert deny["metadata"]["namespace"] == DEV_NAMESPACE
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+@variants
+def test_environments_land_in_the_charts_namespace_queue_and_priority(
+    variant, catalog, settings_from
+):
+    options = _workspaces_options(variant, catalog, settings_from)
+    local_queues = of_kind(variant, "LocalQueue")
+    merged = _merged(variant)
+
+    assert options.namespace == DEV_NAMESPACE
+    assert local_queues[options.kueue_queue]["metadata"]["namespace"] == DEV_NAMESPACE
+    assert options.priority_class in of_kind(variant, "PriorityClass")
+    assert options.priority_class in of_kind(variant, "WorkloadPriorityClass")
+    assert options.ingress_namespace == merged["gateway"]["namespace"]
+    assert options.ingress_pod_labels == merged["gateway"]["podLabels"]
+    assert options.labels == {"app.kubernetes.io/instance": RELEASE}
+
+
+@variants
+@pytest.mark.parametrize(
+    ("mode", "profile"),
+    [
+        (AllocationMode.FULL, None),
+        (AllocationMode.MIG, "1g.10gb"),
+        (AllocationMode.TIME_SLICED, None),
+        (AllocationMode.MPS, None),
+    ],
+)
+def test_environments_pass_the_schemas_and_the_dev_queue_covers_their_gpus(
+    variant, catalog, settings_from, mode, profile
+):
+    options = _workspaces_options(variant, catalog, settings_from)
+    workspace = _workspace(mode, profile)
+    built = workspace_manifests.workspace_objects(workspace, options)
+    objects = [built.claim, built.network_policy, built.service, built.pod]
+    (group,) = of_kind(variant, "ClusterQueue")[options.kueue_queue]["spec"]["resourceGroups"]
+
+    for kube_version in KUBE_VERSIONS:
+        validate_manifests(objects, kube_version=kube_version)
+    requested = set(built.pod["spec"]["containers"][0]["resources"]["requests"])
+    assert requested <= set(group["coveredResources"]), "Kueue would never admit it"
+    assert all(o["metadata"]["namespace"] == DEV_NAMESPACE for o in objects)
+
+
+async def test_the_workspaces_role_grants_exactly_what_its_backend_calls(
+    kube_api, catalog, settings_from
+):
+    options = _workspaces_options("default", catalog, settings_from).model_copy(
+        update={"api_host": kube_api.url}
+    )
+    backend = KubernetesBackend(options)
+    workspace = _workspace(AllocationMode.FULL)
+    ready = workspace.model_copy(update={"expires_at": datetime(2025, 1, 1, 8, tzinfo=UTC)})
+    await backend.create(workspace)
+    await backend.create(workspace)
+    await backend.status(ready)
+    await backend.stop(workspace)
+    await backend.delete(workspace)
+    await backend.close()
+    verbs = {"GET": "get", "POST": "create", "PATCH": "patch", "DELETE": "delete"}
+    called = set()
+    for request in kube_api.requests:
+        parts = request.path.strip("/").split("/")
+        group = "" if parts[0] == "api" else parts[1]
+        namespace_at = parts.index("namespaces")
+        assert parts[namespace_at + 1] == DEV_NAMESPACE, request.path
+        called.add((group, parts[namespace_at + 2], verbs[request.method]))
+    [role] = [
+        r
+        for r in of_kind("default", "Role").values()
+        if r["metadata"]["name"] == component("workspaces")
+    ]
+    [binding] = [
+        b
+        for b in of_kind("default", "RoleBinding").values()
+        if b["metadata"]["name"] == component("workspaces")
+    ]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+    assert role["metadata"]["namespace"] == DEV_NAMESPACE
+    assert binding["metadata"]["namespace"] == DEV_NAMESPACE
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": component("workspaces"), "namespace": NAMESPACE}
+    ]
+    assert called == granted
 
 
 # --- RabbitMQ users ------------------------------------------------------------------------------

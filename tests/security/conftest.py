@@ -42,6 +42,8 @@ from flywheel_trainer_dispatch.main import create_app as create_trainer_dispatch
 from flywheel_trainer_dispatch.settings import TrainerDispatchSettings
 from flywheel_validator.main import create_app as create_validator
 from flywheel_validator.settings import ValidatorSettings
+from flywheel_workspaces.main import create_app as create_workspaces
+from flywheel_workspaces.settings import WorkspacesSettings
 
 SERVICES = (
     "labeling",
@@ -51,6 +53,7 @@ SERVICES = (
     "inference-bff",
     "inference-bff-logworker",
     "rollout",
+    "workspaces",
 )
 
 
@@ -184,6 +187,10 @@ class Services:
             case "rollout":
                 return create_rollout(
                     RolloutSettings(**common, auth=auth, repository_dir=self.workdir / "repository")
+                )
+            case "workspaces":
+                return create_workspaces(
+                    WorkspacesSettings(**common, auth=auth, local_root=self.workdir / "workspaces")
                 )
         raise ValueError(f"unknown service {service!r}")
 

@@ -63,6 +63,7 @@ async def send_traffic(services: Services, tokens: list[str]) -> list[httpx.Resp
     webhook = "X-Flywheel-Webhook-Secret"
     labeling, bff = services.clients["labeling"], services.clients["inference-bff"]
     rollout, dispatch = services.clients["rollout"], services.clients["trainer-dispatch"]
+    workspaces = services.clients["workspaces"]
     project = {
         "project_id": "digits",
         "name": "Digits",
@@ -112,6 +113,14 @@ async def send_traffic(services: Services, tokens: list[str]) -> list[httpx.Resp
         (rollout, "GET", "/api/v1/lines/digits-secrets", {"headers": bearer()}),
         (dispatch, "POST", "/v1/runs", {"json": {}, "headers": bearer()}),
         (dispatch, "GET", "/v1/runs", {"headers": bearer("operator")}),
+        (
+            workspaces,
+            "POST",
+            "/api/v1/environments",
+            {"json": {"image": "dev:1", "gpu_type": "h100"}, "headers": bearer("engineer")},
+        ),
+        (workspaces, "GET", "/api/v1/environments", {"headers": bearer("operator")}),
+        (workspaces, "GET", "/api/v1/reports/usage", {"headers": bearer("operator")}),
     ]
     responses = []
     for client, method, path, kwargs in requests:

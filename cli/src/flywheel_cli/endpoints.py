@@ -22,6 +22,7 @@ def default_urls(settings: CliSettings) -> dict[str, str]:
         "inference-bff": ports.inference_bff,
         "rollout": ports.rollout,
         "logworker": ports.logworker,
+        "workspaces": ports.workspaces,
         "mlflow": ports.mlflow,
         "triton": ports.triton_http,
     }

@@ -31,6 +31,7 @@ class Ports(BaseModel):
     inference_bff: int = 8085
     rollout: int = 8086
     logworker: int = 8087
+    workspaces: int = 8088
     s3: int = 8333
     """SeaweedFS's S3 API; its internal ports are picked free at each start."""
     mlflow: int = 5000

@@ -134,6 +134,15 @@ SERVICES: Final = (
         "logworker",
         frozenset({S3}),
     ),
+    ServiceSpec(
+        "workspaces",
+        "flywheel_workspaces",
+        "FLYWHEEL_WORKSPACES_",
+        "workspaces",
+        frozenset(),
+        auth=True,
+        schema="workspaces",
+    ),
 )
 SERVICES_BY_NAME: Final = {spec.name: spec for spec in SERVICES}
 COMPONENTS: Final = (*SERVERS, *SERVICES_BY_NAME)
@@ -638,6 +647,9 @@ class Stack:
             env[f"{prefix}AUTH__DEV_SIGNING_KEY"] = key
         if spec.name == "trainer-dispatch":
             env[f"{prefix}RUNS_DIR"] = str(self.base / "runs")
+        if spec.name == "workspaces":
+            # Local development environments: one folder each, home directory included.
+            env[f"{prefix}LOCAL_ROOT"] = str(self.base / "workspaces")
         if spec.name == "rollout":
             # Rollout writes the repository Triton serves; both must see the same folder.
             env[f"{prefix}REPOSITORY_DIR"] = str(self.triton_repository)

@@ -1,6 +1,7 @@
 {{/*
 One workload: ServiceAccount, Deployment, Service, PodDisruptionBudget and
-HorizontalPodAutoscaler (the last two when enabled), plus a Role when it calls the Kubernetes API.
+HorizontalPodAutoscaler (the last two when enabled), plus a Role when it calls the Kubernetes API
+(in `rbac.namespace`, a template, when it manages objects in another namespace).
 
 Parameters (dict):
   root       the chart context ($)
@@ -25,6 +26,8 @@ Usage:
 {{- $podSecurity := mustMergeOverwrite (deepCopy $root.Values.podSecurityContext) ($v.podSecurityContext | default dict) -}}
 {{- $containerSecurity := mustMergeOverwrite (deepCopy $root.Values.containerSecurityContext) ($v.containerSecurityContext | default dict) -}}
 {{- $rules := ($v.rbac | default dict).rules | default list -}}
+{{- /* The Role may sit in another namespace (the one the workload manages objects in). */ -}}
+{{- $rbacNamespace := tpl (($v.rbac | default dict).namespace | default $root.Release.Namespace) $root -}}
 {{- $secretName := $v.existingSecret | default $root.Values.secrets.existingSecret -}}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) -}}
 {{- fail (printf "%s: autoscaling.minReplicas is above maxReplicas" .name) -}}
@@ -48,7 +51,7 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata:
   name: {{ $fullName }}
-  namespace: {{ $root.Release.Namespace }}
+  namespace: {{ $rbacNamespace }}
   labels:
     {{- include "flywheel.labels" . | nindent 4 }}
 rules:
@@ -58,7 +61,7 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
 metadata:
   name: {{ $fullName }}
-  namespace: {{ $root.Release.Namespace }}
+  namespace: {{ $rbacNamespace }}
   labels:
     {{- include "flywheel.labels" . | nindent 4 }}
 roleRef:

@@ -28,6 +28,13 @@ from flywheel_contracts.events import (
     TrainingFailedPayload,
     TrainingFailedV1,
     ValidationVerdict,
+    WorkspaceExpiredPayload,
+    WorkspaceExpiredV1,
+    WorkspaceExpiryReason,
+    WorkspaceReadyPayload,
+    WorkspaceReadyV1,
+    WorkspaceRequestedPayload,
+    WorkspaceRequestedV1,
 )
 
 __all__ = [
@@ -59,4 +66,11 @@ __all__ = [
     "TrainingFailedPayload",
     "TrainingFailedV1",
     "ValidationVerdict",
+    "WorkspaceExpiredPayload",
+    "WorkspaceExpiredV1",
+    "WorkspaceExpiryReason",
+    "WorkspaceReadyPayload",
+    "WorkspaceReadyV1",
+    "WorkspaceRequestedPayload",
+    "WorkspaceRequestedV1",
 ]

@@ -3,6 +3,9 @@
 project.configured, labels.saved (| data.quality_failed) → threshold.reached →
 model.trained (| training.failed) → model.validated → rollout.step* → canary.verdict,
 and inference.logged from serving back to the monitors.
+
+Beside the loop, the workspaces service announces engineers' GPU development environments:
+workspace.requested → workspace.ready → workspace.expired (TTL or idle shutdown).
 """
 
 from __future__ import annotations
@@ -454,6 +457,119 @@ class InferenceLoggedV1(Event[InferenceLoggedPayload]):
     }
 
 
+# --- workspace.requested / workspace.ready / workspace.expired ----------------------------------
+
+
+class WorkspacePayload(Payload):
+    """What every workspace event says about the environment: whose, and which GPUs."""
+
+    workspace_id: uuid.UUID
+    """The environment (``/api/v1/environments/{workspace_id}`` of the workspaces service)."""
+    owner: str = Field(min_length=1, max_length=255)
+    """Token subject of the engineer it belongs to."""
+    gpu_type: str = Field(pattern=SLUG)
+    """GPU kind asked for (``a100``, ``h100`` …)."""
+    gpu_count: int = Field(ge=0)
+    """GPUs, MIG slices or shares held (0: a CPU-only environment)."""
+    mode: str
+    """How the GPUs are shared: ``full``, ``mig``, ``time-sliced`` or ``mps``."""
+    mig_profile: str | None = None
+    """MIG profile (``1g.10gb``) with mode ``mig``."""
+
+
+class WorkspaceRequestedPayload(WorkspacePayload):
+    image: str
+    """Container image of the environment."""
+    ttl_s: int = Field(ge=0)
+    """Lifetime from readiness, after the service's cap."""
+    state: Literal["queued", "provisioning"]
+    """``queued`` when no GPU of that kind was free, ``provisioning`` when admitted at once."""
+    queue_position: int | None = Field(default=None, ge=1)
+    """1-based place among the queued requests for the same GPUs, when queued."""
+    resumed: bool = False
+    """A stopped environment started again on its kept home volume."""
+
+
+class WorkspaceRequestedV1(Event[WorkspaceRequestedPayload]):
+    TYPE: ClassVar[str] = "workspace.requested"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "workspace_id": "00000000-0000-4000-8000-000000002001",
+        "owner": "ada",
+        "gpu_type": "a100",
+        "gpu_count": 1,
+        "mode": "full",
+        "image": "ghcr.io/flywheel-mlops/flywheel-dev:latest",
+        "ttl_s": 28800,
+        "state": "queued",
+        "queue_position": 2,
+    }
+
+
+class WorkspaceReadyPayload(WorkspacePayload):
+    ready_at: datetime
+    expires_at: datetime
+    """When its TTL ends (an extension moves it; the next event says so)."""
+    waited_s: float = Field(ge=0)
+    """Seconds from the request to readiness: queueing and provisioning."""
+    backend: str
+    """Where it runs: ``local`` or ``kubernetes``."""
+
+
+class WorkspaceReadyV1(Event[WorkspaceReadyPayload]):
+    TYPE: ClassVar[str] = "workspace.ready"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "workspace_id": "00000000-0000-4000-8000-000000002001",
+        "owner": "ada",
+        "gpu_type": "a100",
+        "gpu_count": 1,
+        "mode": "full",
+        "ready_at": "2026-01-01T12:05:00Z",
+        "expires_at": "2026-01-01T20:05:00Z",
+        "waited_s": 300.0,
+        "backend": "kubernetes",
+    }
+
+
+class WorkspaceExpiryReason(StrEnum):
+    TTL = "ttl"
+    """Its lifetime (with extensions) ran out."""
+    IDLE = "idle"
+    """Nobody used it for the idle timeout."""
+
+
+class WorkspaceExpiredPayload(WorkspacePayload):
+    reason: WorkspaceExpiryReason
+    started_at: datetime
+    """When it began to hold its GPUs (admitted, handed to the backend)."""
+    ended_at: datetime
+    """When its compute was stopped and the GPUs freed."""
+    held_s: float = Field(ge=0)
+    """Seconds it held its GPUs: ``ended_at - started_at``."""
+    home_kept: bool = True
+    """The home volume survives; starting the environment again mounts it."""
+
+
+class WorkspaceExpiredV1(Event[WorkspaceExpiredPayload]):
+    TYPE: ClassVar[str] = "workspace.expired"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "workspace_id": "00000000-0000-4000-8000-000000002001",
+        "owner": "ada",
+        "gpu_type": "a100",
+        "gpu_count": 1,
+        "mode": "full",
+        "reason": "idle",
+        "started_at": "2026-01-01T12:00:00Z",
+        "ended_at": "2026-01-01T14:00:00Z",
+        "held_s": 7200.0,
+    }
+
+
 ALL_EVENTS: tuple[type[Event[Any]], ...] = (
     ProjectConfiguredV1,
     LabelsSavedV1,
@@ -465,5 +581,8 @@ ALL_EVENTS: tuple[type[Event[Any]], ...] = (
     RolloutStepV1,
     CanaryVerdictV1,
     InferenceLoggedV1,
+    WorkspaceRequestedV1,
+    WorkspaceReadyV1,
+    WorkspaceExpiredV1,
 )
 """Every event class, in loop order; the schema registry and tests iterate over it."""

@@ -1,7 +1,7 @@
 """A stand-in Kubernetes API server for tests: objects stored per path, on a free local port.
 
 It is not a cluster: no controller runs, nothing is validated against a schema. Tests play the
-controllers (``set_status``, ``put`` a pod, ``set_log``) and check what clients sent
+controllers (``set_status``, ``put`` a pod, ``patch``, ``set_log``) and check what clients sent
 (``requests``, ``objects``). The official client talks to it through
 ``Configuration.host = server.url``. What it answers, with real status codes and ``Status``
 bodies:
@@ -235,6 +235,16 @@ class KubeApiServer:
             obj["status"] = copy.deepcopy(dict(status))
             obj["metadata"]["resourceVersion"] = str(next(self._versions))
             return copy.deepcopy(obj)
+
+    def patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch a stored object as another client would (a sidecar annotating its pod)."""
+        where = self._where(path)
+        with self._lock:
+            obj = self._state.objects[where.collection][where.name or ""]
+            updated = merge_patch(obj, dict(patch))
+            updated["metadata"]["resourceVersion"] = str(next(self._versions))
+            self._state.objects[where.collection][where.name or ""] = updated
+            return copy.deepcopy(updated)
 
     def set_log(self, namespace: str, pod: str, text: str, container: str | None = None) -> None:
         """The log a pod's container (or any container, when None) returns."""

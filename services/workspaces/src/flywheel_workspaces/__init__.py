@@ -1,0 +1,1 @@
+"""Flywheel workspaces: isolated GPU development environments for ML engineers."""

@@ -1,0 +1,1 @@
+"""Adapters: the PostgreSQL store and the environment backends (local, kubernetes)."""
