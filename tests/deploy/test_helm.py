@@ -11,6 +11,8 @@ import yaml
 
 from flywheel_rollout.settings import RolloutSettings
 from flywheel_runtime.settings import PlatformSettings, env_reference
+from flywheel_serving.hpa import hpa_values
+from flywheel_serving.tuning import GoldenPoint, LoadPoint, ServingConfig
 from flywheel_testing.kube import (
     CRD_DIR_ENV,
     ManifestError,
@@ -153,6 +155,7 @@ def test_values_files_pass_the_schema():
         ({"kserve": {"deploymentMode": "Knative"}}, "deploymentMode"),
         ({"services": {"labeling": {"podDisruptionBudget": {"enabled": "yes"}}}}, "enabled"),
         ({"unknownTopLevel": True}, "unknownTopLevel"),
+        ({"triton": {"autoscaling": {"requestsPerSecondPerReplica": 0}}}, "requestsPerSecond"),
     ],
 )
 def test_values_schema_rejects_bad_values(bad, where):
@@ -164,6 +167,39 @@ def test_autoscaling_bounds_are_checked_at_render():
     bad = {"services": {"labeling": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}}
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError, match="minReplicas"):
         chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_triton_scales_on_requests_per_second_derived_from_the_golden_point():
+    golden = GoldenPoint(
+        config=ServingConfig(max_batch_size=16, max_queue_delay_microseconds=500, instance_count=2),
+        point=LoadPoint(
+            concurrency=16,
+            requests=2000,
+            errors=0,
+            throughput_rps=412.77,
+            p50_ms=20.0,
+            p95_ms=31.0,
+            p99_ms=38.5,
+        ),
+        hardware="NVIDIA H100",
+    )
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(hpa_values(golden, 0.7), name=RELEASE, namespace=NAMESPACE)
+    manifests = [d for text in rendered.values() for d in yaml.safe_load_all(text) if d]
+    hpas = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "HorizontalPodAutoscaler"}
+
+    cpu, requests = hpas[component("triton")]["spec"]["metrics"]
+    assert cpu["resource"]["name"] == "cpu"
+    assert requests == {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": "triton_requests_per_second"},
+            "target": {"type": "AverageValue", "averageValue": "288.9"},
+        },
+    }
+    validate_manifests([hpas[component("triton")]], kube_version=KUBE_VERSIONS[-1])
+    default = of_kind("default", "HorizontalPodAutoscaler")[component("triton")]
+    assert [m["type"] for m in default["spec"]["metrics"]] == ["Resource"]
 
 
 # --- Kubernetes schemas -----------------------------------------------------------------------
@@ -704,6 +740,8 @@ def test_environments_land_in_the_charts_namespace_queue_and_priority(
     assert options.priority_class in of_kind(variant, "WorkloadPriorityClass")
     assert options.ingress_namespace == merged["gateway"]["namespace"]
     assert options.ingress_pod_labels == merged["gateway"]["podLabels"]
+    assert options.route_kind == "virtual-service"
+    assert options.ingress_gateway == merged["gateway"]["gatewayRef"]
     assert options.labels == {"app.kubernetes.io/instance": RELEASE}
 
 
@@ -720,10 +758,13 @@ def test_environments_land_in_the_charts_namespace_queue_and_priority(
 def test_environments_pass_the_schemas_and_the_dev_queue_covers_their_gpus(
     variant, catalog, settings_from, mode, profile
 ):
-    options = _workspaces_options(variant, catalog, settings_from)
+    options = _workspaces_options(variant, catalog, settings_from).model_copy(
+        update={"ingress_host": "dev.example.com"}
+    )
     workspace = _workspace(mode, profile)
     built = workspace_manifests.workspace_objects(workspace, options)
-    objects = [built.claim, built.network_policy, built.service, built.pod]
+    assert built.route is not None
+    objects = [built.claim, built.network_policy, built.service, built.route, built.pod]
     (group,) = of_kind(variant, "ClusterQueue")[options.kueue_queue]["spec"]["resourceGroups"]
 
     for kube_version in KUBE_VERSIONS:
@@ -736,8 +777,9 @@ def test_environments_pass_the_schemas_and_the_dev_queue_covers_their_gpus(
 async def test_the_workspaces_role_grants_exactly_what_its_backend_calls(
     kube_api, catalog, settings_from
 ):
+    # With an ingress host, so the backend makes every call it can (the IDE's route too).
     options = _workspaces_options("default", catalog, settings_from).model_copy(
-        update={"api_host": kube_api.url}
+        update={"api_host": kube_api.url, "ingress_host": "dev.example.com"}
     )
     backend = KubernetesBackend(options)
     workspace = _workspace(AllocationMode.FULL)
@@ -779,6 +821,7 @@ async def test_the_workspaces_role_grants_exactly_what_its_backend_calls(
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": component("workspaces"), "namespace": NAMESPACE}
     ]
+    assert ("networking.istio.io", "virtualservices", "create") in called
     assert called == granted
 
 

@@ -110,6 +110,9 @@ class Connection(BaseModel):
     """code-server / Jupyter URL."""
     ssh: str | None = None
     """``ssh`` command line (VS Code Remote-SSH host)."""
+    ssh_tunnel: str | None = None
+    """Command to keep running while ``ssh`` is used (a ``kubectl port-forward``); None when
+    ``ssh`` reaches the environment as is."""
     token: str | None = None
     """Secret the IDE asks for, when it has one."""
     ide: str | None = None

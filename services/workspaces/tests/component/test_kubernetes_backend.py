@@ -14,6 +14,7 @@ from flywheel_workspaces.adapters.k8s_manifests import (
     NETWORK_POLICY,
     PERSISTENT_VOLUME_CLAIM,
     SERVICE,
+    VIRTUAL_SERVICE,
     KubernetesOptions,
 )
 from flywheel_workspaces.adapters.kubernetes import KubernetesBackend
@@ -26,6 +27,7 @@ from flywheel_workspaces.ports import (
 )
 
 NAMESPACE = "flywheel-dev"
+INGRESS_HOST = "dev.example.com"
 
 
 def _options(kube_api: KubeApiServer, **overrides: Any) -> KubernetesOptions:
@@ -87,6 +89,17 @@ def _paths(workspace: Workspace) -> dict[str, str]:
         "service": SERVICE.path(NAMESPACE, name),
         "pod": POD.path(NAMESPACE, name),
     }
+
+
+def _route_path(workspace: Workspace) -> str:
+    return VIRTUAL_SERVICE.path(NAMESPACE, _name(workspace))
+
+
+@pytest.fixture
+async def routed(kube_api: KubeApiServer) -> AsyncIterator[KubernetesBackend]:
+    backend = KubernetesBackend(_options(kube_api, ingress_host=INGRESS_HOST))
+    yield backend
+    await backend.close()
 
 
 def _without_server_fields(obj: dict[str, Any]) -> dict[str, Any]:
@@ -293,18 +306,19 @@ async def test_running_and_ready_is_ready_with_the_services_address(
 
 
 async def test_behind_the_ingress_host_the_url_is_the_public_one(
-    kube_api: KubeApiServer,
+    kube_api: KubeApiServer, routed: KubernetesBackend
 ) -> None:
-    backend = KubernetesBackend(_options(kube_api, ingress_host="dev.example.com"))
     workspace = _workspace()
-    await backend.create(workspace)
+    await routed.create(workspace)
     _ready(kube_api, workspace)
 
-    status = await backend.status(workspace)
-    await backend.close()
+    status = await routed.status(workspace)
 
     assert status.connection is not None
-    assert status.connection.url == f"https://dev.example.com/workspaces/{workspace.workspace_id}/"
+    assert status.connection.url == f"https://{INGRESS_HOST}/workspaces/{workspace.workspace_id}/"
+    assert status.connection.ssh_tunnel == (
+        f"kubectl -n {NAMESPACE} port-forward service/{_name(workspace)} 2222:ssh"
+    )
 
 
 @pytest.mark.parametrize(
@@ -487,3 +501,115 @@ async def test_stop_leaves_another_environments_objects_alone(
 
     for kind, path in _paths(theirs).items():
         assert kube_api.get(path) is not None, kind
+
+
+# --- the route behind the ingress host -----------------------------------------------------------
+
+
+async def test_create_routes_the_ide_path_on_the_gateway_before_the_pod_runs(
+    kube_api: KubeApiServer, routed: KubernetesBackend
+) -> None:
+    workspace = _workspace()
+
+    await routed.create(workspace)
+
+    stored = kube_api.get(_route_path(workspace))
+    assert stored is not None
+    built = manifests.route(workspace, _options(kube_api, ingress_host=INGRESS_HOST))
+    assert _without_server_fields(stored) == built
+    validate_manifest(_without_server_fields(stored))
+    spec = stored["spec"]
+    assert spec["hosts"] == [INGRESS_HOST]
+    assert spec["gateways"] == ["istio-system/flywheel-gateway"]
+    forward = spec["http"][-1]
+    assert forward["match"] == [{"uri": {"prefix": f"/workspaces/{workspace.workspace_id}/"}}]
+    assert forward["route"][0]["destination"] == {
+        "host": f"{_name(workspace)}.{NAMESPACE}.svc.cluster.local",
+        "port": {"number": 8443},
+    }
+    assert kube_api.get(SERVICE.path(NAMESPACE, _name(workspace))) is not None
+    posts = [r.path for r in kube_api.requests_to("POST")]
+    assert posts.index(f"/apis/networking.istio.io/v1/namespaces/{NAMESPACE}/virtualservices") == (
+        posts.index(f"/api/v1/namespaces/{NAMESPACE}/pods") - 1
+    )
+
+
+async def test_create_twice_routes_once(kube_api: KubeApiServer, routed: KubernetesBackend) -> None:
+    workspace = _workspace()
+    await routed.create(workspace)
+    uid = _uid(kube_api, _route_path(workspace))
+
+    await routed.create(workspace)
+
+    assert _uid(kube_api, _route_path(workspace)) == uid
+    assert len(kube_api.objects(VIRTUAL_SERVICE.path(NAMESPACE))) == 1
+
+
+async def test_a_route_name_taken_by_another_environment_is_a_conflict(
+    kube_api: KubeApiServer, routed: KubernetesBackend
+) -> None:
+    workspace = _workspace()
+    squatter = manifests.route(_workspace(), _options(kube_api, ingress_host=INGRESS_HOST))
+    assert squatter is not None
+    squatter["metadata"]["name"] = _name(workspace)
+    kube_api.put(VIRTUAL_SERVICE.path(NAMESPACE), squatter)
+
+    with pytest.raises(ConflictError, match="VirtualService"):
+        await routed.create(workspace)
+    assert kube_api.get(_pod_path(workspace)) is None
+
+
+async def test_stop_removes_the_route_and_twice_is_fine(
+    kube_api: KubeApiServer, routed: KubernetesBackend
+) -> None:
+    workspace = _workspace()
+    await routed.create(workspace)
+
+    await routed.stop(workspace)
+    assert kube_api.get(_route_path(workspace)) is None
+    await routed.stop(workspace)
+
+    assert kube_api.get(_route_path(workspace)) is None
+    assert kube_api.get(_claim_path(workspace)) is not None
+
+
+async def test_a_restart_routes_again_and_delete_removes_the_route_twice_fine(
+    kube_api: KubeApiServer, routed: KubernetesBackend
+) -> None:
+    workspace = _workspace()
+    await routed.create(workspace)
+    await routed.stop(workspace)
+    await routed.create(workspace)
+    assert kube_api.get(_route_path(workspace)) is not None
+
+    await routed.delete(workspace)
+    await routed.delete(workspace)
+
+    assert kube_api.get(_route_path(workspace)) is None
+    for kind, path in _paths(workspace).items():
+        assert kube_api.get(path) is None, kind
+
+
+async def test_delete_leaves_another_environments_route_alone(
+    kube_api: KubeApiServer, routed: KubernetesBackend
+) -> None:
+    mine, theirs = _workspace(), _workspace(owner="bob@example.com")
+    await routed.create(mine)
+    await routed.create(theirs)
+
+    await routed.delete(mine)
+
+    assert kube_api.get(_route_path(theirs)) is not None
+
+
+async def test_without_an_ingress_host_nothing_touches_routes(
+    kube_api: KubeApiServer, backend: KubernetesBackend
+) -> None:
+    workspace = _workspace()
+
+    await backend.create(workspace)
+    await backend.stop(workspace)
+    await backend.delete(workspace)
+
+    assert kube_api.requests_to("GET", "/virtualservices") == []
+    assert not [r for r in kube_api.requests if "networking.istio.io" in r.path]

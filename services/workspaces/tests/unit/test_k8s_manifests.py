@@ -24,6 +24,7 @@ OPTIONS = KubernetesOptions(
     pod_cidrs=["10.244.0.0/16", "fd00:10:244::/56"],
     labels={"app.kubernetes.io/instance": "flywheel"},
 )
+ROUTED = OPTIONS.model_copy(update={"ingress_host": "dev.example.com"})
 KUBE_VERSIONS = ["1.29", "1.37"]
 
 
@@ -322,18 +323,129 @@ def test_the_connection_is_the_services_address_or_the_ingress_host() -> None:
     host = f"flywheel-ws-{WORKSPACE_ID}.flywheel-dev.svc.cluster.local"
 
     inside = manifests.connection(workspace, OPTIONS)
-    outside = manifests.connection(
-        workspace, OPTIONS.model_copy(update={"ingress_host": "dev.example.com"})
-    )
+    outside = manifests.connection(workspace, ROUTED)
     ssh_only = manifests.connection(_workspace(ide="ssh"), OPTIONS)
 
     assert inside.url == f"http://{host}:8443/"
     assert inside.ide == "code-server"
     assert inside.ssh == f"ssh -p 2222 workspace@{host}"
+    assert inside.ssh_tunnel is None
     assert outside.url == f"https://dev.example.com/workspaces/{WORKSPACE_ID}/"
     assert ssh_only.url is None
     assert ssh_only.ide is None
     assert ssh_only.ssh == inside.ssh
+
+
+def test_behind_an_ingress_host_ssh_goes_through_a_port_forward_of_the_service() -> None:
+    outside = manifests.connection(_workspace(ide="ssh"), ROUTED)
+    name = f"flywheel-ws-{WORKSPACE_ID}"
+
+    assert outside.url is None
+    assert outside.ssh_tunnel == f"kubectl -n flywheel-dev port-forward service/{name} 2222:ssh"
+    assert outside.ssh == f"ssh -p 2222 -o HostKeyAlias={name} workspace@localhost"
+
+
+# --- the route -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ide", ["code-server", "jupyter"])
+def test_the_route_passes_the_virtual_service_crd(ide: str) -> None:
+    route = manifests.route(_workspace(ide=ide), ROUTED)
+
+    assert route is not None
+    assert (route["apiVersion"], route["kind"]) == ("networking.istio.io/v1", "VirtualService")
+    validate_manifest(route)
+    route["spec"]["http"][1]["rewrites"] = {"uri": "/"}
+    with pytest.raises(ManifestError, match="rewrites"):
+        validate_manifest(route)
+
+
+def test_the_route_takes_the_environments_path_on_the_gateway_to_its_ide_port() -> None:
+    route = manifests.route(_workspace(), ROUTED)
+    service = manifests.service(_workspace(), ROUTED)
+
+    assert route is not None
+    assert route["metadata"]["name"] == f"flywheel-ws-{WORKSPACE_ID}"
+    assert route["metadata"]["namespace"] == "flywheel-dev"
+    assert route["metadata"]["labels"] == service["metadata"]["labels"]
+    spec = route["spec"]
+    assert spec["hosts"] == ["dev.example.com"]
+    assert spec["gateways"] == ["istio-system/flywheel-gateway"]
+    redirect, forward = spec["http"]
+    assert redirect["match"] == [{"uri": {"exact": f"/workspaces/{WORKSPACE_ID}"}}]
+    assert redirect["redirect"] == {"uri": f"/workspaces/{WORKSPACE_ID}/"}
+    assert forward["match"] == [{"uri": {"prefix": f"/workspaces/{WORKSPACE_ID}/"}}]
+    (destination,) = forward["route"]
+    assert destination["destination"] == {
+        "host": f"flywheel-ws-{WORKSPACE_ID}.flywheel-dev.svc.cluster.local",
+        "port": {"number": 8443},
+    }
+    ide_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["ide"]
+    assert destination["destination"]["port"]["number"] == ide_port
+
+
+def test_code_server_gets_its_prefix_stripped_and_jupyter_its_full_base_path() -> None:
+    code_server = manifests.route(_workspace(ide="code-server"), ROUTED)
+    jupyter = manifests.route(_workspace(ide="jupyter"), ROUTED)
+    env = {
+        e["name"]: e["value"]
+        for e in manifests.pod(_workspace(ide="jupyter"), ROUTED)["spec"]["containers"][0]["env"]
+    }
+
+    assert code_server is not None
+    assert jupyter is not None
+    assert code_server["spec"]["http"][1]["rewrite"] == {"uri": "/"}
+    assert "rewrite" not in jupyter["spec"]["http"][1]
+    assert (
+        env["FLYWHEEL_WORKSPACE_BASE_PATH"]
+        == jupyter["spec"]["http"][1]["match"][0]["uri"]["prefix"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("ide", "update"),
+    [
+        pytest.param("code-server", {}, id="no-ingress-host"),
+        pytest.param("code-server", {"ingress_host": ""}, id="empty-ingress-host"),
+        pytest.param(
+            "code-server",
+            {"ingress_host": "dev.example.com", "route_kind": "none"},
+            id="routed-elsewhere",
+        ),
+        pytest.param("ssh", {"ingress_host": "dev.example.com"}, id="ssh-only"),
+    ],
+)
+def test_no_route_without_an_ingress_host_of_ours_or_a_browser_ide(
+    ide: str, update: dict[str, Any]
+) -> None:
+    options = OPTIONS.model_copy(update=update)
+
+    assert manifests.route(_workspace(ide=ide), options) is None
+    assert manifests.workspace_objects(_workspace(ide=ide), options).route is None
+
+
+def test_the_network_policy_admits_the_routes_gateway_to_the_ide_port() -> None:
+    options = ROUTED.model_copy(
+        update={"ingress_namespace": "gateways", "ingress_pod_labels": {"app": "edge"}}
+    )
+    route = manifests.route(_workspace(), options)
+    (gateway_rule, _) = manifests.network_policy(_workspace(), options)["spec"]["ingress"]
+
+    assert route is not None
+    port = route["spec"]["http"][1]["route"][0]["destination"]["port"]["number"]
+    assert {"port": port, "protocol": "TCP"} in gateway_rule["ports"]
+    assert gateway_rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateways"}},
+            "podSelector": {"matchLabels": {"app": "edge"}},
+        }
+    ]
+
+
+@pytest.mark.parametrize("gateway", ["flywheel-gateway", "istio-system/", "Istio/gw", "a/b/c"])
+def test_the_gateway_must_be_namespace_slash_name(gateway: str) -> None:
+    with pytest.raises(ValueError, match="ingress_gateway"):
+        KubernetesOptions(ingress_gateway=gateway)
 
 
 def test_behind_an_ingress_host_the_ide_is_told_its_base_path() -> None:

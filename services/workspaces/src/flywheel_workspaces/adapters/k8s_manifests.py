@@ -1,7 +1,8 @@
 """Kubernetes objects of one development environment, as plain dicts: pure functions, no I/O.
 
-An environment is four objects in ``KubernetesOptions.namespace``, all named from its id
-(``flywheel-ws-<id>``, a DNS-1035 label, so it is a valid Service name too):
+An environment is four objects in ``KubernetesOptions.namespace`` (five behind an ingress host),
+all named from its id (``flywheel-ws-<id>``, a DNS-1035 label, so it is a valid Service name
+too):
 
 * a **PersistentVolumeClaim** (``…-home``) for the home directory. Nothing owns it: stopping
   the environment (TTL expiry, idle shutdown) deletes the compute only, and the next start of
@@ -18,6 +19,14 @@ An environment is four objects in ``KubernetesOptions.namespace``, all named fro
   and outside the cluster, never to other engineers' environments. The other environments'
   own ingress rules are what really keeps them apart; ``pod_cidrs`` closes the egress path
   through pod IPs that some CNIs let ``ipBlock`` match.
+* with ``ingress_host`` (and ``route_kind`` ``virtual-service``, the chart's gateway), an Istio
+  **VirtualService** bound to the platform's Gateway: ``https://<ingress_host>/workspaces/<id>/``
+  to the Service's IDE port. Istio merges the VirtualServices of one host on a gateway, so each
+  environment adds its own path without touching anyone else's. code-server serves everything
+  under relative URLs and has no base-path option, so its prefix is rewritten to ``/``;
+  JupyterLab builds absolute URLs from its ``base_url``, so its path is passed on as is and the
+  image starts it with ``--ServerApp.base_url=$FLYWHEEL_WORKSPACE_BASE_PATH``. An ``ssh``
+  environment has no browser IDE and gets no route.
 
 GPUs are requested by allocation mode (``gpu_resource``): whole GPUs, a MIG slice, a
 time-sliced replica or an MPS share, each the device plugin's resource name, on a node of the
@@ -50,6 +59,7 @@ from flywheel_workspaces.ports import AllocationMode, Connection, Workspace
 PERSISTENT_VOLUME_CLAIM: Final = Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims")
 SERVICE: Final = Resource("v1", "Service", "services")
 NETWORK_POLICY: Final = Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
+VIRTUAL_SERVICE: Final = Resource("networking.istio.io/v1", "VirtualService", "virtualservices")
 
 NAME_PREFIX: Final = "flywheel-ws-"
 HOME_SUFFIX: Final = "-home"
@@ -76,12 +86,15 @@ PRIORITY_LABEL: Final = "kueue.x-k8s.io/priority-class"
 INGRESS_PATH_PREFIX: Final = "/workspaces"
 """With ``ingress_host``, an environment's IDE is at ``https://<host>/workspaces/<id>/``."""
 POD_SHM: Final = "/dev/shm"  # noqa: S108 - a memory-backed emptyDir of the pod's own
+PREFIX_STRIPPED_IDES: Final = frozenset({"code-server"})
+"""IDEs that serve under relative URLs: the route strips ``/workspaces/<id>`` before them."""
 IDE_PORT_NAME: Final = "ide"
 SSH_PORT_NAME: Final = "ssh"
 _OWNER_HASH_CHARS: Final = 16
 _LABEL_LIMIT: Final = 63
 _NOT_LABEL: Final = re.compile(r"[^A-Za-z0-9_.-]+")
 _LABEL_VALUE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_GATEWAY_REF: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
 _GPU_TOLERATION: Final = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -126,6 +139,13 @@ class KubernetesOptions(BaseModel):
     both under this name)."""
     ingress_host: str | None = None
     """External host for IDE URLs; None (or empty) reports the in-cluster Service address."""
+    route_kind: Literal["virtual-service", "none"] = "virtual-service"
+    """What routes an environment's ``ingress_host`` path to it: ``virtual-service``, an Istio
+    VirtualService per environment bound to ``ingress_gateway`` (how the chart's gateway
+    routes); ``none``, something outside the service does."""
+    ingress_gateway: str = Field(default="istio-system/flywheel-gateway", pattern=_GATEWAY_REF)
+    """The Istio Gateway (``<namespace>/<name>``) the routes bind to; its servers must accept
+    ``ingress_host`` from ``namespace``."""
     ingress_namespace: str = "istio-system"
     """Namespace of the platform's ingress gateway, the only outside caller admitted."""
     ingress_pod_labels: dict[str, str] = Field(default_factory=lambda: {"istio": "ingressgateway"})
@@ -163,6 +183,8 @@ class WorkspaceObjects:
     claim: dict[str, Any]
     network_policy: dict[str, Any]
     service: dict[str, Any]
+    route: dict[str, Any] | None
+    """The VirtualService; None without one (no ingress host, or an ``ssh`` environment)."""
     pod: dict[str, Any]
 
 
@@ -274,7 +296,13 @@ def home_claim(workspace: Workspace, options: KubernetesOptions) -> dict[str, An
 
 
 def base_path(workspace: Workspace) -> str:
+    """The environment's path on the ingress host."""
     return f"{INGRESS_PATH_PREFIX}/{workspace.workspace_id}/"
+
+
+def routed(options: KubernetesOptions) -> bool:
+    """Whether the backend routes the ingress host's paths to environments itself."""
+    return bool(options.ingress_host) and options.route_kind == "virtual-service"
 
 
 def pod(workspace: Workspace, options: KubernetesOptions) -> dict[str, Any]:
@@ -472,12 +500,55 @@ def network_policy(workspace: Workspace, options: KubernetesOptions) -> dict[str
     }
 
 
+def route(workspace: Workspace, options: KubernetesOptions) -> dict[str, Any] | None:
+    """The VirtualService taking ``https://<ingress_host>/workspaces/<id>/`` to the IDE port
+    (see the module docstring); None when the backend routes nothing for it."""
+    if not routed(options) or workspace.spec.ide == "ssh":
+        return None
+    labels = workspace_labels(workspace, options)
+    prefix = base_path(workspace)
+    forward: dict[str, Any] = {
+        "name": IDE_PORT_NAME,
+        "match": [{"uri": {"prefix": prefix}}],
+        "route": [
+            {
+                "destination": {
+                    "host": service_host(workspace, options),
+                    "port": {"number": options.ide_port},
+                }
+            }
+        ],
+    }
+    if workspace.spec.ide in PREFIX_STRIPPED_IDES:
+        forward["rewrite"] = {"uri": "/"}
+    return {
+        "apiVersion": VIRTUAL_SERVICE.api_version,
+        "kind": VIRTUAL_SERVICE.kind,
+        "metadata": _metadata(object_name(workspace.workspace_id), workspace, options, labels),
+        "spec": {
+            "hosts": [options.ingress_host],
+            "gateways": [options.ingress_gateway],
+            "http": [
+                # Relative URLs need the trailing slash: without it the IDE's assets resolve
+                # one level up, outside the environment's path.
+                {
+                    "name": "trailing-slash",
+                    "match": [{"uri": {"exact": prefix.rstrip("/")}}],
+                    "redirect": {"uri": prefix},
+                },
+                forward,
+            ],
+        },
+    }
+
+
 def workspace_objects(workspace: Workspace, options: KubernetesOptions) -> WorkspaceObjects:
     """Every object of the environment."""
     return WorkspaceObjects(
         claim=home_claim(workspace, options),
         network_policy=network_policy(workspace, options),
         service=service(workspace, options),
+        route=route(workspace, options),
         pod=pod(workspace, options),
     )
 
@@ -490,8 +561,19 @@ def service_host(workspace: Workspace, options: KubernetesOptions) -> str:
     return f"{object_name(workspace.workspace_id)}.{options.namespace}.svc.cluster.local"
 
 
+def port_forward(workspace: Workspace, options: KubernetesOptions) -> str:
+    """The ``kubectl`` command that brings the environment's SSH port to the engineer's
+    machine (``localhost:<ssh_port>``)."""
+    return (
+        f"kubectl -n {options.namespace} port-forward "
+        f"service/{object_name(workspace.workspace_id)} {options.ssh_port}:{SSH_PORT_NAME}"
+    )
+
+
 def connection(workspace: Workspace, options: KubernetesOptions) -> Connection:
-    """The IDE's URL (through the ingress host when there is one) and the ``ssh`` command."""
+    """The IDE's URL and the ``ssh`` command: through the ingress host and a ``kubectl
+    port-forward`` when there is an ingress host (the engineer is outside the cluster), else
+    the Service's in-cluster address for both."""
     host = service_host(workspace, options)
     url = None
     if workspace.spec.ide != "ssh":
@@ -500,8 +582,15 @@ def connection(workspace: Workspace, options: KubernetesOptions) -> Connection:
             if options.ingress_host
             else f"http://{host}:{options.ide_port}/"
         )
-    return Connection(
-        url=url,
-        ssh=f"ssh -p {options.ssh_port} {options.ssh_user}@{host}",
-        ide=workspace.spec.ide if url is not None else None,
+    ide = workspace.spec.ide if url is not None else None
+    if not options.ingress_host:
+        return Connection(
+            url=url, ssh=f"ssh -p {options.ssh_port} {options.ssh_user}@{host}", ide=ide
+        )
+    # Every environment is localhost:<ssh_port> through its tunnel: the alias keeps each one's
+    # host key apart in known_hosts.
+    ssh = (
+        f"ssh -p {options.ssh_port} -o HostKeyAlias={object_name(workspace.workspace_id)} "
+        f"{options.ssh_user}@localhost"
     )
+    return Connection(url=url, ssh=ssh, ssh_tunnel=port_forward(workspace, options), ide=ide)

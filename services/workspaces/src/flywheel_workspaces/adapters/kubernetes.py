@@ -1,12 +1,13 @@
 """The ``kubernetes`` workspace backend: each environment is a Pod, its home-directory PVC, a
-Service and a NetworkPolicy (``k8s_manifests.py``), reached through the official client.
+Service, a NetworkPolicy and, behind an ingress host, the Istio VirtualService that routes its
+IDE path (``k8s_manifests.py``), reached through the official client.
 
-**Create** makes the claim (unless it is there from an earlier start), then the NetworkPolicy
-and the Service, then the Pod, so the Pod never runs unisolated. Names come from the workspace
-id: a create that meets an existing object (409) reads it and, when it carries the workspace's
-id, uses it, so a create repeated after a crash makes nothing twice. A Pod of the same name that
-is still terminating (the environment was just stopped) is ``DependencyUnavailableError``: try
-again once it is gone.
+**Create** makes the claim (unless it is there from an earlier start), then the NetworkPolicy,
+the Service and the route, then the Pod, so the Pod never runs unisolated. Names come from the
+workspace id: a create that meets an existing object (409) reads it and, when it carries the
+workspace's id, uses it, so a create repeated after a crash makes nothing twice. A Pod of the
+same name that is still terminating (the environment was just stopped) is
+``DependencyUnavailableError``: try again once it is gone.
 
 **Status** reads the Pod: running and Ready is ``ready``; pending (Kueue admission, scheduling,
 image pull) or running but not Ready yet is ``pending``; failed or ended, or a container that
@@ -15,9 +16,9 @@ the annotation the IDE's sidecar keeps on its Pod; without one it is unknown. On
 environment has an expiry, the Pod's ``flywheel.dev/expires-at`` label is brought in line with
 it (best effort: it only informs operators).
 
-**Stop** deletes the Pod, the Service and the NetworkPolicy and keeps the claim; **delete** also
-deletes the claim. Both are idempotent (an object already gone is fine) and do not wait for the
-Pod to end: ``status`` reports ``gone`` once it has.
+**Stop** deletes the Pod, the route, the Service and the NetworkPolicy and keeps the claim;
+**delete** also deletes the claim. Both are idempotent (an object already gone is fine) and do
+not wait for the Pod to end: ``status`` reports ``gone`` once it has.
 
 **Errors** are the client's: an API server that does not answer is
 ``DependencyUnavailableError`` (retryable), a refusal is ``KubernetesError`` with the API
@@ -165,6 +166,8 @@ class KubernetesBackend:
         await self._ensure(manifests.PERSISTENT_VOLUME_CLAIM, built.claim, workspace)
         await self._ensure(manifests.NETWORK_POLICY, built.network_policy, workspace)
         await self._ensure(manifests.SERVICE, built.service, workspace)
+        if built.route is not None:
+            await self._ensure(manifests.VIRTUAL_SERVICE, built.route, workspace)
         pod, created = await self._ensure(POD, built.pod, workspace)
         if not created and (pod.get("metadata") or {}).get("deletionTimestamp"):
             raise DependencyUnavailableError(
@@ -188,9 +191,11 @@ class KubernetesBackend:
         return status
 
     async def stop(self, workspace: Workspace) -> None:
-        """Delete the Pod, then its Service and NetworkPolicy; keep the home claim."""
+        """Delete the Pod, then its route, Service and NetworkPolicy; keep the home claim."""
         name = manifests.object_name(workspace.workspace_id)
-        for resource in (POD, manifests.SERVICE, manifests.NETWORK_POLICY):
+        # Without an ingress host there never was a route, nor need Istio's CRD be installed.
+        route = (manifests.VIRTUAL_SERVICE,) if manifests.routed(self._options) else ()
+        for resource in (POD, *route, manifests.SERVICE, manifests.NETWORK_POLICY):
             await self._delete(resource, name, workspace)
         log.info("workspace stopped", workspace_id=str(workspace.workspace_id))
 
