@@ -628,12 +628,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_args=[f"--load-model={name}" for name in args.load_model],
         host=args.host,
     )
-    print(
-        f"triton pid {server.pid}: http {server.http_url}, grpc {server.grpc_url}, "
-        f"metrics {server.metrics_url}; log {server.log_path}",
-        flush=True,
-    )
     try:
+        # Inside the try: a stop asked for right after the announcement (a supervisor that
+        # waited for it) interrupts the print itself.
+        print(
+            f"triton pid {server.pid}: http {server.http_url}, grpc {server.grpc_url}, "
+            f"metrics {server.metrics_url}; log {server.log_path}",
+            flush=True,
+        )
         code = server.wait()
     except KeyboardInterrupt:
         code = 0
