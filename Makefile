@@ -20,11 +20,11 @@ install: $(STAMP)
 
 # The load and outage tests post FLYWHEEL_LOAD_LABELS / FLYWHEEL_FAULT_LABELS labels: 1 000 and
 # 2 000 here (they fit CI's time), 10 000 in test-hardening, which also shows every fault, load
-# and security test's figures (-s).
+# and security test's figures (-s) and runs the tests marked `hardening` that make test leaves out.
 test: install
 	./scripts/ensure-servers
 	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-1000} FLYWHEEL_FAULT_LABELS=$${FLYWHEEL_FAULT_LABELS:-2000} \
-		$(BIN)/pytest $(PYTEST_ARGS)
+		$(BIN)/pytest -m "not hardening" --durations=15 $(PYTEST_ARGS)
 
 test-hardening: install
 	./scripts/ensure-servers

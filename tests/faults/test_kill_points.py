@@ -55,7 +55,13 @@ from flywheel_testing.wait import wait_for
 e2e = load_file(Path(__file__).parents[1] / "e2e" / "conftest.py", "flywheel_e2e_support")
 loop = e2e.loop
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+# Four to five minutes on two cores: make test-hardening runs it, make test (CI) does not.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.hardening,
+    pytest.mark.timeout(600),
+]
 
 LABELS = 400
 """As in the e2e loop test: enough for a test split and a model that beats an untrained one."""
