@@ -351,6 +351,142 @@ def dlq_replay(
         )
 
 
+@app.command()
+def tune(
+    ctx: typer.Context,
+    model_line: Annotated[str, typer.Argument(help="Model line (registered model).")],
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version to tune (default: the champion).")
+    ] = None,
+    max_p99_ms: Annotated[
+        float | None, typer.Option("--max-p99-ms", help="p99 latency limit (ms).")
+    ] = None,
+    min_throughput: Annotated[
+        float | None, typer.Option("--min-throughput", help="Throughput floor (requests/s).")
+    ] = None,
+    max_memory_mb: Annotated[
+        float | None,
+        typer.Option("--max-memory-mb", help="Memory limit of one configuration (MB)."),
+    ] = None,
+    triton_url: Annotated[
+        str | None,
+        typer.Option("--triton-url", help="Triton's HTTP host:port (default: the stack's)."),
+    ] = None,
+    metrics_url: Annotated[
+        str | None,
+        typer.Option("--metrics-url", help="Triton's /metrics URL, to measure memory."),
+    ] = None,
+    mlflow_uri: Annotated[
+        str | None, typer.Option("--mlflow-uri", help="MLflow (default: the stack's).")
+    ] = None,
+    concurrency: Annotated[
+        str | None, typer.Option("--concurrency", help="Levels, e.g. 1,4,16,64.")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option("--requests", min=1, help="Requests per configuration and level.")
+    ] = None,
+    max_batch_sizes: Annotated[
+        str | None, typer.Option("--max-batch-sizes", help="Grid, e.g. 8,32,64.")
+    ] = None,
+    queue_delays_us: Annotated[
+        str | None, typer.Option("--queue-delays-us", help="Grid, e.g. 0,500,2000.")
+    ] = None,
+    instances: Annotated[str | None, typer.Option("--instances", help="Grid, e.g. 1,2,4.")] = None,
+    flavour: Annotated[
+        str, typer.Option("--flavour", help="python (bundled Triton) or onnxruntime_onnx.")
+    ] = "python",
+    no_log: Annotated[
+        bool, typer.Option("--no-log", help="Measure and print; record nothing in MLflow.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Profile a version under candidate Triton configurations; log the golden one.
+
+    Exits 1 when no configuration meets the constraints.
+    """
+    # Imported here: the profiler pulls in tritonclient and matplotlib, no other command does.
+    from flywheel_cli.tune import TuneRequest, parse_ints, run_tune
+    from flywheel_runtime.errors import FlywheelError
+    from flywheel_serving.repository import ServingOptions
+    from flywheel_serving.tuning import Constraints, TuningGrid
+
+    if flavour not in ("python", "onnxruntime_onnx"):
+        raise typer.BadParameter("python or onnxruntime_onnx", param_hint="--flavour")
+    settings = settings_of(ctx)
+    default = TuningGrid()
+    grid = TuningGrid(
+        concurrencies=parse_ints(concurrency, default.concurrencies),
+        requests_per_level=requests or default.requests_per_level,
+        max_batch_sizes=parse_ints(max_batch_sizes, default.max_batch_sizes),
+        max_queue_delays_us=parse_ints(queue_delays_us, default.max_queue_delays_us),
+        instance_counts=parse_ints(instances, default.instance_counts),
+    )
+    limits = Constraints.model_validate(
+        {
+            key: value
+            for key, value in (
+                ("max_p99_ms", max_p99_ms),
+                ("min_throughput_rps", min_throughput),
+                ("max_memory_mb", max_memory_mb),
+            )
+            if value is not None
+        }
+    )
+    request = TuneRequest(
+        model_line=model_line,
+        version=version,
+        triton_url=triton_url,
+        metrics_url=metrics_url,
+        mlflow_uri=mlflow_uri,
+        limits=limits,
+        grid=grid,
+        base=ServingOptions(flavour=flavour),  # type: ignore[arg-type]
+        log=not no_log,
+    )
+    try:
+        with reported_errors():
+            outcome = run_async(run_tune(settings, request))
+    except FlywheelError as error:
+        err_console().print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from error
+    result = outcome.result
+    if as_json:
+        typer.echo(outcome.model_dump_json(indent=2))
+    else:
+        out = console()
+        table = Table(title=f"{result.model_name} v{result.version} on {result.hardware}")
+        for column in ("configuration", "vs", "concurrency", "rps", "p50 ms", "p99 ms", "MB"):
+            table.add_column(column)
+        for trial in result.trials:
+            against = trial.against.label if trial.against else "-"
+            if trial.error:
+                table.add_row(trial.config.label, against, "-", "refused", "", "", "")
+            for point in trial.points:
+                table.add_row(
+                    trial.config.label,
+                    against,
+                    str(point.concurrency),
+                    f"{point.throughput_rps:.0f}",
+                    f"{point.p50_ms:.1f}",
+                    f"{point.p99_ms:.1f}",
+                    "-" if trial.memory_mb is None else f"{trial.memory_mb:.0f}",
+                )
+        out.print(table)
+        limits_text = result.constraints.model_dump_json(exclude_none=True)
+        if result.golden is None:
+            out.print(f"[red]no configuration met the constraints[/] {limits_text}")
+        else:
+            golden = result.golden
+            out.print(
+                f"[green]golden[/] {golden.config.label}: {golden.point.throughput_rps:.0f} rps, "
+                f"p99 {golden.point.p99_ms:.1f} ms at concurrency {golden.point.concurrency} "
+                f"(project {outcome.project_id or '-'}, limits {limits_text}); "
+                + (f"logged to {outcome.artifacts_uri}" if outcome.artifacts_uri else "not logged")
+            )
+    if result.golden is None:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

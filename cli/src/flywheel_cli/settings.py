@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flywheel_runtime.settings import PlatformSettings
+from flywheel_serving.tuning import Constraints
 
 DEV_KEY_FILE = "dev-signing-key.pem"
 """File under the base directory holding the local stack's token signing key."""
@@ -119,6 +120,14 @@ class CliSettings(BaseSettings):
 
     demo: DemoSettings = Field(default_factory=DemoSettings)
     """What ``flywheel demo`` posts and how long it waits."""
+
+    default_serving_constraints: Constraints = Field(default_factory=Constraints)
+    """Serving limits ``flywheel tune`` selects under for projects without their own."""
+
+    serving_constraints: dict[str, Constraints] = Field(default_factory=dict)
+    """Per-project serving limits by project id (the version's ``project_id`` tag); limits a
+    project leaves out keep the defaults, and ``tune``'s flags prevail over both
+    (``FLYWHEEL_CLI_SERVING_CONSTRAINTS__<project>__MAX_P99_MS=50``, or JSON)."""
 
     token: SecretStr | None = None
     """A bearer token from a real identity provider; when set it is sent instead of a dev

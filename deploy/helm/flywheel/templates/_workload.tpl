@@ -306,6 +306,16 @@ spec:
         target:
           type: Utilization
           averageUtilization: {{ $v.autoscaling.targetCPUUtilizationPercentage }}
+    {{- with $v.autoscaling.requestsPerSecondPerReplica }}
+    {{- /* From the golden point: see flywheel_serving.hpa. */}}
+    - type: Pods
+      pods:
+        metric:
+          name: {{ $v.autoscaling.requestsPerSecondMetric | default "triton_requests_per_second" }}
+        target:
+          type: AverageValue
+          averageValue: {{ . | toString | quote }}
+    {{- end }}
   behavior:
     scaleDown:
       stabilizationWindowSeconds: 300

@@ -202,6 +202,28 @@ class ModelRegistry:
 
         await self._run(call, "set_tags", name, version)
 
+    async def log_version_artifacts(
+        self, name: str, version: str, files: Mapping[str, bytes], *, artifact_path: str
+    ) -> str:
+        """Store ``files`` (file name → bytes) under ``artifact_path`` of the version's run;
+        return that folder's URI. ``NotFoundError`` when the version has no run."""
+
+        def call() -> str:
+            run_id = self._client.get_model_version(name, version).run_id
+            if not run_id:
+                raise NotFoundError(
+                    "model version has no run to log artifacts to",
+                    details={"model": name, "version": version},
+                )
+            with tempfile.TemporaryDirectory(prefix="flywheel-artifacts-") as tmp:
+                for file_name, data in files.items():
+                    (Path(tmp) / Path(file_name).name).write_bytes(data)
+                self._client.log_artifacts(run_id, tmp, artifact_path=artifact_path)
+            root = self._client.get_run(run_id).info.artifact_uri.rstrip("/")
+            return f"{root}/{artifact_path.strip('/')}"
+
+        return await self._run(call, "log_version_artifacts", name, version)
+
     async def list_versions(self, name: str) -> list[ModelVersionInfo]:
         """Every version of a model, oldest first, each with its aliases."""
 

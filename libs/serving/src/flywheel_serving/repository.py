@@ -46,6 +46,7 @@ __all__ = [
     "ServingOptions",
     "build_model_repository",
     "python_backend_source",
+    "render_config",
     "sync_from_registry",
     "triton_s3_uri",
     "upload_repository",
@@ -134,22 +135,7 @@ def build_model_repository(
     validate_model_name(model_name)
     numbers = _version_numbers(model_name, versions)
     num_classes = _num_classes(model_name, versions)
-    config = triton_config(
-        model_name,
-        num_classes=num_classes,
-        max_batch_size=options.max_batch_size,
-        platform=options.flavour,
-        preferred_batch_sizes=options.preferred_batch_sizes,
-        max_queue_delay_microseconds=options.max_queue_delay_microseconds,
-        instance_count=options.instance_count,
-        instance_kind=options.instance_kind,
-        versions=numbers,
-        parameters=(
-            {THREADS_PARAMETER: str(options.intra_op_threads)}
-            if options.flavour == "python"
-            else None
-        ),
-    )
+    config = render_config(model_name, num_classes, numbers, options)
     model_dir = root / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     model_py = python_backend_source() if options.flavour == "python" else None
@@ -160,6 +146,28 @@ def build_model_repository(
         if int(stale.name) not in numbers:
             shutil.rmtree(stale)
     return model_dir
+
+
+def render_config(
+    model_name: str, num_classes: int, versions: Sequence[int], options: ServingOptions
+) -> str:
+    """The ``config.pbtxt`` serving ``versions`` of ``model_name`` as ``options`` say."""
+    return triton_config(
+        model_name,
+        num_classes=num_classes,
+        max_batch_size=options.max_batch_size,
+        platform=options.flavour,
+        preferred_batch_sizes=options.preferred_batch_sizes,
+        max_queue_delay_microseconds=options.max_queue_delay_microseconds,
+        instance_count=options.instance_count,
+        instance_kind=options.instance_kind,
+        versions=versions,
+        parameters=(
+            {THREADS_PARAMETER: str(options.intra_op_threads)}
+            if options.flavour == "python"
+            else None
+        ),
+    )
 
 
 async def sync_from_registry(
@@ -175,15 +183,31 @@ async def sync_from_registry(
 
     Without ``versions`` the ones ``aliases`` point at are served (champion and challenger:
     the canary runs on the same server). ``NotFoundError`` when there is nothing to serve.
+
+    When a served version carries a golden serving configuration (``flywheel tune``), its
+    knobs replace those of ``options``. Triton has one ``config.pbtxt`` for all versions of a
+    model, so the newest served version that has one wins: it is the version traffic is moving
+    to (the challenger of a canary), so the configuration does not change again when it is
+    promoted, and a rollback falls back to the champion's own.
     """
+    # tuning builds on this module, so it is imported where it is used.
+    from flywheel_serving.tuning import golden_options
+
     validate_model_name(registered_model)
     if versions is None:
         found = await asyncio.gather(
             *(registry.get_alias(registered_model, alias) for alias in aliases)
         )
-        wanted = {info.version for info in found if info is not None}
+        infos = [info for info in found if info is not None]
     else:
-        wanted = set(versions)
+        for version in versions:
+            _check_version(registered_model, version)
+        infos = list(
+            await asyncio.gather(
+                *(registry.get_version(registered_model, version) for version in set(versions))
+            )
+        )
+    wanted = {info.version for info in infos}
     if not wanted:
         raise NotFoundError(
             "no model version to serve",
@@ -195,6 +219,7 @@ async def sync_from_registry(
     files = await asyncio.gather(
         *(registry.download_model_files(registered_model, version) for version in ordered)
     )
+    options = golden_options(infos, options)
     await asyncio.to_thread(build_model_repository, root, registered_model, files, options)
     return [int(version) for version in ordered]
 

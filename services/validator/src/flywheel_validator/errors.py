@@ -11,6 +11,12 @@ class ModelUnusableError(PermanentError):
     code = "model_unusable"
 
 
+class ServingRefusedError(ModelUnusableError):
+    """Triton would not load a version for the performance gate; ``details["role"]`` says which."""
+
+    code = "serving_refused"
+
+
 class ValidationNotFoundError(NotFoundError):
     """No validation with that id."""
 

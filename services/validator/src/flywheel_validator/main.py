@@ -11,9 +11,11 @@ from flywheel_runtime.app import ServiceRuntime, fastapi_app
 from flywheel_runtime.auth import TokenVerifier
 from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.storage import ObjectStorage
+from flywheel_serving.triton import TritonControl
 from flywheel_validator.adapters.onnx import OnnxEvaluator
 from flywheel_validator.adapters.repository import SqlStore
 from flywheel_validator.adapters.splits import S3SplitReader
+from flywheel_validator.adapters.triton import TritonBenchmark
 from flywheel_validator.api import router
 from flywheel_validator.handlers import register
 from flywheel_validator.service import Validator
@@ -43,6 +45,20 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
     )
     storage = ObjectStorage.from_settings(settings.platform)
     registry = ModelRegistry.from_settings(settings.platform)
+    performance = settings.performance
+    control: TritonControl | None = None
+    benchmark: TritonBenchmark | None = None
+    if performance.enabled and performance.triton_url:
+        control = TritonControl(performance.triton_url, timeout=performance.load_timeout_s)
+        benchmark = TritonBenchmark(
+            control,
+            performance.repository_dir,
+            performance.serving,
+            concurrencies=performance.concurrencies,
+            requests_per_level=performance.requests_per_level,
+            rounds=performance.rounds,
+            load_timeout_s=performance.load_timeout_s,
+        )
     validator = Validator(
         SqlStore(runtime.database, consumer=SERVICE),
         registry,
@@ -61,6 +77,9 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
         project_gates=settings.project_gates,
         champion_alias=settings.champion_alias,
         challenger_alias=settings.challenger_alias,
+        performance=performance if performance.enabled else None,
+        benchmark=benchmark,
+        benchmark_images=performance.images,
     )
     register(runtime.broker, runtime.topology, validator)
     runtime.checks["s3"] = storage.ping
@@ -70,6 +89,8 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
         storage.close()
 
     runtime.on_stop.append(close_storage)
+    if control is not None:
+        runtime.on_stop.append(control.close)
 
     app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=[router])
     if settings.auth is not None:

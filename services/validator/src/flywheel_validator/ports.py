@@ -2,9 +2,10 @@
 
 ``Registry`` is the MLflow model registry (``flywheel_clients.registry.ModelRegistry`` implements
 it as is). ``SplitReader`` reads a snapshot's held-out TEST images from S3. ``Evaluator`` runs a
-model's files the way serving will. ``Store`` is the service's PostgreSQL schema, with
-``transaction()`` for the unit of work that claims the event, stores the validation and queues
-``model.validated`` in the outbox, all committed together.
+model's files the way serving will. ``Benchmark`` serves two versions on one Triton and drives
+them under load in the same run (the performance gate). ``Store`` is the service's PostgreSQL
+schema, with ``transaction()`` for the unit of work that claims the event, stores the validation
+and queues ``model.validated`` in the outbox, all committed together.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from flywheel_clients.registry import ModelFiles, ModelVersionInfo
 from flywheel_contracts import Event
 from flywheel_contracts.events import ValidationVerdict
+from flywheel_serving.tuning import LoadPoint, ServingConfig
 from flywheel_validator.gates import Gates, ModelScore, ParityCheck
 
 
@@ -73,6 +75,10 @@ class Validation(BaseModel):
 class Registry(Protocol):
     """The model registry: versions, aliases, tags and files."""
 
+    async def get_version(self, name: str, version: str) -> ModelVersionInfo:
+        """The version with its tags; ``NotFoundError`` when it does not exist."""
+        ...
+
     async def get_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
         """None when the alias is not set."""
         ...
@@ -109,6 +115,42 @@ class Evaluator(Protocol):
 
     async def parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
         """Never raises for a bad model: a check that cannot run says why in ``error``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A version to measure and the configuration to serve it under."""
+
+    role: str
+    """``candidate`` or ``champion``: in reasons, error details and Triton model names."""
+    files: ModelFiles
+    config: ServingConfig | None = None
+    """Its golden configuration; None serves it under the benchmark's default options."""
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """Load points of two versions measured on one Triton in one run."""
+
+    candidate: list[LoadPoint]
+    champion: list[LoadPoint]
+    hardware: str
+    """What Triton ran on, as far as the benchmark can tell (figures compare on one only)."""
+    description: str
+    """How it was measured: levels, rounds, requests, configurations."""
+
+
+class Benchmark(Protocol):
+    """Serves two versions side by side and measures them taking turns."""
+
+    async def compare(
+        self, candidate: ServedModel, champion: ServedModel, images: Sequence[bytes]
+    ) -> LoadRun:
+        """Load both, drive both with ``images`` at the same levels, unload both.
+
+        ``ServingRefusedError`` (details ``role``) when Triton will not load one of them;
+        ``DependencyUnavailableError`` while Triton is away."""
         ...
 
 

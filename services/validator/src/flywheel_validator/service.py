@@ -12,6 +12,7 @@ the alias already in place.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Final
 
 import structlog
 
-from flywheel_clients.registry import CHALLENGER, CHAMPION
+from flywheel_clients.registry import CHALLENGER, CHAMPION, ModelFiles
 from flywheel_contracts import ModelTrainedV1, ModelValidatedV1
 from flywheel_contracts.events import (
     ModelTrainedPayload,
@@ -29,18 +30,34 @@ from flywheel_contracts.events import (
     ValidationVerdict,
 )
 from flywheel_runtime.errors import InvalidInputError, NotFoundError
-from flywheel_validator.errors import ModelUnusableError, ValidationNotFoundError
+from flywheel_serving.tuning import GOLDEN_TAG, ServingConfig, golden_config
+from flywheel_validator.errors import (
+    ModelUnusableError,
+    ServingRefusedError,
+    ValidationNotFoundError,
+)
 from flywheel_validator.gates import (
+    GateResult,
     Gates,
     ModelScore,
     check_gates,
     gates_for,
     too_few_images,
 )
+from flywheel_validator.performance import (
+    GATE,
+    PerformanceGate,
+    PerformanceOutcome,
+    check_performance,
+    not_measured,
+)
 from flywheel_validator.ports import (
+    Benchmark,
     Evaluator,
     HeldOutSplit,
+    LabeledImage,
     Registry,
+    ServedModel,
     SplitReader,
     Store,
     Validation,
@@ -60,6 +77,8 @@ TAGGED_METRICS: Final = (
     "latency_p95_ms",
     "model_size_bytes",
     "parity_max_abs_diff",
+    "serving_rps",
+    "serving_p99_ms",
 )
 """Headline numbers copied into version tags; the full set is in the event and the API."""
 
@@ -105,8 +124,13 @@ class Validator:
         project_gates: Mapping[str, Gates] | None = None,
         champion_alias: str = CHAMPION,
         challenger_alias: str = CHALLENGER,
+        performance: PerformanceGate | None = None,
+        benchmark: Benchmark | None = None,
+        benchmark_images: int = 64,
         clock: Clock = utcnow,
     ) -> None:
+        """``performance`` turns the performance gate on (None: verdicts have no such line);
+        without a ``benchmark`` (no Triton configured) the gate reports itself skipped."""
         self._store = store
         self._registry = registry
         self._splits = splits
@@ -115,6 +139,9 @@ class Validator:
         self._project_gates = dict(project_gates or {})
         self._champion_alias = champion_alias
         self._challenger_alias = challenger_alias
+        self._performance = performance
+        self._benchmark = benchmark
+        self._benchmark_images = benchmark_images
         self._clock = clock
 
     def gates_for(self, project_id: str) -> Gates:
@@ -241,6 +268,7 @@ class Validator:
 
         champion_score: ModelScore | None = None
         champion_version: str | None = None
+        champion_files: ModelFiles | None = None
         if champion is not None and champion.version != version:
             try:
                 champion_files = await self._registry.download_model_files(name, champion.version)
@@ -257,12 +285,24 @@ class Validator:
                 notes += _unknown_note("champion", champion_score)
 
         results = check_gates(gates, candidate, champion_score, parity)
+        candidate_metrics = candidate.metrics()
+        champion_metrics = {} if champion_score is None else champion_score.metrics()
+        performance, measured = await self._compare_serving(
+            candidate_files,
+            None if champion_version is None else champion_files,
+            split.images,
+            failed=not all(result.passed for result in results),
+        )
+        if performance is not None:
+            results.append(performance.result)
+            candidate_metrics |= performance.candidate_metrics
+            champion_metrics |= performance.champion_metrics
+        notes += measured
         verdict = (
             ValidationVerdict.PASSED
             if all(result.passed for result in results)
             else ValidationVerdict.FAILED
         )
-        candidate_metrics = candidate.metrics()
         if parity.max_abs_diff is not None:
             candidate_metrics["parity_max_abs_diff"] = parity.max_abs_diff
         return Assessment(
@@ -271,8 +311,66 @@ class Validator:
             test_images=len(split.images),
             champion_version=champion_version,
             candidate_metrics=candidate_metrics,
-            champion_metrics={} if champion_score is None else champion_score.metrics(),
+            champion_metrics=champion_metrics,
         )
+
+    async def _compare_serving(
+        self,
+        candidate: ModelFiles,
+        champion: ModelFiles | None,
+        images: list[LabeledImage],
+        *,
+        failed: bool,
+    ) -> tuple[PerformanceOutcome | None, list[str]]:
+        """The performance gate's outcome (None when it is off) and a note on how it measured.
+
+        It runs last and only for a candidate that passed every other gate: loading both
+        versions and driving them takes Triton for seconds, wasted on a verdict already failed.
+        """
+        if self._performance is None:
+            return None, []
+
+        def skipped(cause: str) -> tuple[PerformanceOutcome, list[str]]:
+            return PerformanceOutcome(not_measured(cause), {}, {}), []
+
+        if champion is None:
+            return skipped("no champion to compare with")
+        if failed:
+            return skipped("the candidate failed another gate")
+        if self._benchmark is None:
+            return skipped("no Triton configured")
+        candidate_config, champion_config = await asyncio.gather(
+            self._golden(candidate), self._golden(champion)
+        )
+        try:
+            run = await self._benchmark.compare(
+                ServedModel("candidate", candidate, candidate_config),
+                ServedModel("champion", champion, champion_config),
+                [image.data for image in images[: self._benchmark_images]],
+            )
+        except ServingRefusedError as error:
+            if error.details.get("role") == "champion":
+                # As with a champion that does not score: no comparison, and say why.
+                return skipped(
+                    f"champion version {champion.version} does not load in Triton: {error.message}"
+                )
+            refused = GateResult(
+                gate=GATE,
+                passed=False,
+                reason=f"{GATE}: candidate does not load in Triton ({error.message}): fail",
+            )
+            return PerformanceOutcome(refused, {}, {}), []
+        outcome = check_performance(self._performance, run.candidate, run.champion)
+        return outcome, [f"{GATE} measured on {run.hardware}: {run.description}"]
+
+    async def _golden(self, files: ModelFiles) -> ServingConfig | None:
+        """The golden serving configuration the tuner recorded on the version, if any."""
+        try:
+            info = await self._registry.get_version(files.name, files.version)
+        except NotFoundError:
+            return None
+        # The tuner's tag (``flywheel tune``); one that does not parse is logged and ignored.
+        return golden_config(info.tags) if GOLDEN_TAG in info.tags else None
 
     async def _tell_registry(self, event: ModelTrainedV1, assessment: Assessment) -> None:
         """Record the verdict on the version; alias it as the challenger when it passed."""

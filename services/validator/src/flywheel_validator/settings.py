@@ -2,17 +2,60 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import ConfigDict, Field, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from flywheel_clients.registry import CHALLENGER, CHAMPION
 from flywheel_runtime.auth import AuthSettings
 from flywheel_runtime.settings import ServiceSettings
 from flywheel_runtime.storage import DATA_BUCKET
+from flywheel_serving.repository import ServingOptions
 from flywheel_validator.gates import Gates
+from flywheel_validator.performance import PerformanceGate
 
 SERVICE = "validator"
 """Service name: queue prefix, idempotency consumer, telemetry resource."""
+
+
+class PerformanceSettings(PerformanceGate):
+    """The performance gate: candidate and champion measured on one Triton, in one run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    enabled: bool = False
+    """Measure and compare serving performance; off, verdicts carry no performance line."""
+
+    triton_url: str | None = None
+    """Triton HTTP endpoint (``host:port``) both versions are loaded into, with explicit model
+    control; unset, the gate reports itself skipped. A Triton of the validator's own (a
+    sidecar) keeps live traffic out of the figures and the figures out of live traffic."""
+
+    repository_dir: Path = Path("validator-model-repository")
+    """Model repository folder this service writes the two versions into; that Triton must
+    read the same folder."""
+
+    serving: ServingOptions = Field(default_factory=ServingOptions)
+    """How a version is served when it carries no golden configuration (a golden one replaces
+    batch size, queue delay and instances). The Triton bundled with ``nvidia-pytriton`` needs
+    ``FLYWHEEL_VALIDATOR_PERFORMANCE__SERVING__FLAVOUR=python``."""
+
+    concurrencies: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    """Requests in flight at each measured level (JSON list)."""
+
+    requests_per_level: int = Field(default=200, ge=1)
+    """Requests of one model at one level in one round."""
+
+    rounds: int = Field(default=3, ge=1)
+    """Times every level is measured for each model, the two taking turns (figures are the
+    medians of the rounds)."""
+
+    images: int = Field(default=64, ge=1)
+    """Test images the requests cycle through."""
+
+    load_timeout_s: float = Field(default=120.0, gt=0)
+    """Longest a version may take to load in Triton."""
 
 
 class ValidatorSettings(ServiceSettings):
@@ -65,3 +108,6 @@ class ValidatorSettings(ServiceSettings):
 
     fetch_concurrency: int = Field(default=8, ge=1)
     """Test images fetched from S3 at once."""
+
+    performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
+    """The performance gate (``FLYWHEEL_VALIDATOR_PERFORMANCE__ENABLED=true`` …)."""

@@ -22,11 +22,19 @@ from flywheel_runtime.errors import (
 from flywheel_runtime.http import install_error_handlers
 from flywheel_runtime.messaging import create_broker, is_retryable
 from flywheel_runtime.topology import Topology
+from flywheel_serving.tuning import GOLDEN_TAG, GoldenPoint, LoadPoint, ServingConfig
 from flywheel_validator.api import router
-from flywheel_validator.errors import ModelUnusableError
+from flywheel_validator.errors import ModelUnusableError, ServingRefusedError
 from flywheel_validator.gates import Gates, ModelScore, ParityCheck
 from flywheel_validator.handlers import register
-from flywheel_validator.ports import HeldOutSplit, LabeledImage, Validation
+from flywheel_validator.performance import PerformanceGate
+from flywheel_validator.ports import (
+    HeldOutSplit,
+    LabeledImage,
+    LoadRun,
+    ServedModel,
+    Validation,
+)
 from flywheel_validator.service import Validator
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -117,6 +125,13 @@ class FakeRegistry:
     def _check(self) -> None:
         if self.down:
             raise DependencyUnavailableError("model registry is unavailable")
+
+    async def get_version(self, name: str, version: str) -> ModelVersionInfo:
+        self._check()
+        assert name == MODEL
+        if version not in self.files:
+            raise NotFoundError("model version not found")
+        return ModelVersionInfo(name=name, version=version, tags=self.tags.get(version, {}))
 
     async def get_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
         self._check()
@@ -581,3 +596,181 @@ async def test_labels_the_run_left_out_are_left_out_of_the_test_split(harness: H
     await harness.publish(event)
 
     assert harness.splits.excluded == [frozenset(quarantined)]
+
+
+# --- the performance gate -----------------------------------------------------------------------
+
+
+def load_point(concurrency: int, rps: float, p99: float) -> LoadPoint:
+    return LoadPoint(
+        concurrency=concurrency,
+        requests=50,
+        errors=0,
+        throughput_rps=rps,
+        p50_ms=p99 / 2,
+        p95_ms=p99,
+        p99_ms=p99,
+    )
+
+
+@dataclass
+class FakeBenchmark:
+    """Load points by role, or the refusal Triton answers a role's load with."""
+
+    points: dict[str, list[LoadPoint]] = field(default_factory=dict)
+    refuse: str | None = None
+    compared: list[tuple[ServedModel, ServedModel, int]] = field(default_factory=list)
+
+    async def compare(
+        self, candidate: ServedModel, champion: ServedModel, images: Sequence[bytes]
+    ) -> LoadRun:
+        self.compared.append((candidate, champion, len(images)))
+        if self.refuse is not None:
+            raise ServingRefusedError("bad config", details={"role": self.refuse})
+        return LoadRun(
+            candidate=self.points["candidate"],
+            champion=self.points["champion"],
+            hardware="Test CPU x 2 CPUs",
+            description="Triton test:8000, concurrency 1, 4",
+        )
+
+
+def with_performance(harness: Harness, benchmark: FakeBenchmark | None) -> Validator:
+    harness.registry.add("1")
+    harness.registry.add("2")
+    harness.registry.aliases["champion"] = "1"
+    harness.evaluator.scores |= {"1": score(), "2": score()}
+    return Validator(
+        harness.store,
+        harness.registry,
+        harness.splits,
+        harness.evaluator,
+        default_gates=GATES,
+        performance=PerformanceGate(throughput_margin=0.2),
+        benchmark=benchmark,
+        benchmark_images=32,
+        clock=lambda: NOW,
+    )
+
+
+async def test_a_slower_candidate_fails_the_performance_gate_with_its_figures(
+    harness: Harness,
+) -> None:
+    benchmark = FakeBenchmark(
+        points={
+            "candidate": [load_point(1, 90, 14), load_point(4, 180, 42)],
+            "champion": [load_point(1, 200, 6), load_point(4, 410, 20)],
+        }
+    )
+    validator = with_performance(harness, benchmark)
+    golden = ServingConfig(max_batch_size=16, max_queue_delay_microseconds=100, instance_count=2)
+    harness.registry.tags["1"] = {
+        GOLDEN_TAG: GoldenPoint(
+            config=golden, point=load_point(4, 410, 20), hardware="Test CPU"
+        ).model_dump_json()
+    }
+
+    await validator.model_trained(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    payload = validated.payload
+    assert payload.verdict is ValidationVerdict.FAILED
+    assert payload.reasons[-2] == (
+        "performance: throughput candidate 180 rps vs champion 410 rps (-56% beyond -20% "
+        "margin); p99 at concurrency 4 candidate 42.0 ms vs champion 20.0 ms (+110% beyond "
+        "+50% margin + 2 ms): fail"
+    )
+    assert payload.reasons[-1] == (
+        "performance measured on Test CPU x 2 CPUs: Triton test:8000, concurrency 1, 4"
+    )
+    assert [r.rsplit(": ", 1)[-1] for r in payload.reasons[:-2]] == ["pass"] * 6
+    assert payload.candidate_metrics["serving_rps"] == 180
+    assert payload.candidate_metrics["serving_p99_ms"] == 42
+    assert payload.champion_metrics["serving_rps"] == 410
+    assert payload.champion_metrics["accuracy"] == 0.97
+    [(candidate, champion, images)] = benchmark.compared
+    assert (candidate.role, candidate.files.version, candidate.config) == ("candidate", "2", None)
+    assert (champion.role, champion.files.version, champion.config) == ("champion", "1", golden)
+    assert images == 32
+    assert harness.registry.aliases == {"champion": "1"}
+    assert harness.registry.tags["2"]["validation.serving_rps"] == "180"
+
+
+async def test_a_same_speed_candidate_passes_the_performance_gate(harness: Harness) -> None:
+    same = [load_point(1, 200, 6), load_point(4, 400, 21)]
+    benchmark = FakeBenchmark(points={"candidate": same, "champion": same})
+    validator = with_performance(harness, benchmark)
+
+    await validator.model_trained(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.verdict is ValidationVerdict.PASSED, validated.payload.reasons
+    assert validated.payload.reasons[-2].startswith("performance: throughput candidate 400 rps")
+    assert harness.registry.aliases == {"champion": "1", "challenger": "2"}
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "reason"),
+    [
+        (None, "performance not compared (no Triton configured): skipped"),
+        (
+            FakeBenchmark(refuse="champion"),
+            "performance not compared (champion version 1 does not load in Triton: "
+            "bad config): skipped",
+        ),
+    ],
+)
+async def test_a_performance_gate_that_cannot_compare_says_so_and_passes(
+    harness: Harness, benchmark: FakeBenchmark | None, reason: str
+) -> None:
+    validator = with_performance(harness, benchmark)
+
+    await validator.model_trained(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.verdict is ValidationVerdict.PASSED
+    assert validated.payload.reasons[-1] == reason
+    assert "serving_rps" not in validated.payload.candidate_metrics
+
+
+async def test_a_candidate_triton_refuses_fails_the_performance_gate(harness: Harness) -> None:
+    validator = with_performance(harness, FakeBenchmark(refuse="candidate"))
+
+    await validator.model_trained(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.verdict is ValidationVerdict.FAILED
+    assert validated.payload.reasons[-1] == (
+        "performance: candidate does not load in Triton (bad config): fail"
+    )
+
+
+async def test_the_performance_gate_spares_triton_a_candidate_already_failed(
+    harness: Harness,
+) -> None:
+    benchmark = FakeBenchmark()
+    validator = with_performance(harness, benchmark)
+    harness.evaluator.scores["2"] = score(accuracy=0.5)
+
+    await validator.model_trained(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.reasons[-1] == (
+        "performance not compared (the candidate failed another gate): skipped"
+    )
+    assert benchmark.compared == []
+
+
+async def test_without_a_champion_the_performance_gate_is_skipped(harness: Harness) -> None:
+    benchmark = FakeBenchmark()
+    validator = with_performance(harness, benchmark)
+    harness.registry.aliases.clear()
+
+    await validator.model_trained(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.verdict is ValidationVerdict.PASSED
+    assert validated.payload.reasons[-1] == (
+        "performance not compared (no champion to compare with): skipped"
+    )
+    assert benchmark.compared == []
