@@ -14,11 +14,10 @@ from flywheel_runtime.settings import PlatformSettings, env_reference
 from flywheel_serving.hpa import hpa_values
 from flywheel_serving.tuning import GoldenPoint, LoadPoint, ServingConfig
 from flywheel_testing.kube import (
-    CRD_DIR_ENV,
     ManifestError,
-    crd_dir,
     is_builtin,
     load_crd_schemas,
+    require_crds,
     validate_manifests,
 )
 from flywheel_workspaces.adapters import k8s_manifests as workspace_manifests
@@ -215,10 +214,7 @@ def test_builtin_kinds_validate_strictly(variant, kube_version):
 
 
 def _crds() -> Path:
-    directory = crd_dir()
-    if not directory.is_dir():
-        pytest.skip(f"CRD schemas not found at {directory} (set {CRD_DIR_ENV})")
-    return directory
+    return require_crds()
 
 
 @variants
@@ -758,6 +754,7 @@ def test_environments_land_in_the_charts_namespace_queue_and_priority(
 def test_environments_pass_the_schemas_and_the_dev_queue_covers_their_gpus(
     variant, catalog, settings_from, mode, profile
 ):
+    require_crds()  # the dev queue and priority are Kueue objects
     options = _workspaces_options(variant, catalog, settings_from).model_copy(
         update={"ingress_host": "dev.example.com"}
     )

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import jsonschema
 import kubernetes_validate
+import pytest
 from referencing import Registry, Resource
 
 __all__ = [
@@ -126,6 +127,14 @@ def crd_dir() -> Path:
     if override:
         return Path(override)
     return _repo_root().parent / "shared" / "crds"
+
+
+def require_crds() -> Path:
+    """The CRD folder, or skip the calling test: a checkout away from the workspace has none."""
+    directory = crd_dir()
+    if not directory.is_dir():
+        pytest.skip(f"CRD schemas not found at {directory} (set {CRD_DIR_ENV})")
+    return directory
 
 
 def load_crd_schemas(directory: Path | None = None) -> dict[tuple[str, str], CrdSchema]:

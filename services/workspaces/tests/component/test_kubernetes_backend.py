@@ -7,7 +7,7 @@ import pytest
 
 from flywheel_clients.kubernetes import POD, KubernetesError
 from flywheel_runtime.errors import ConflictError, DependencyUnavailableError
-from flywheel_testing.kube import validate_manifest
+from flywheel_testing.kube import require_crds, validate_manifest
 from flywheel_testing.kubeapi import KubeApiServer
 from flywheel_workspaces.adapters import k8s_manifests as manifests
 from flywheel_workspaces.adapters.k8s_manifests import (
@@ -509,6 +509,7 @@ async def test_stop_leaves_another_environments_objects_alone(
 async def test_create_routes_the_ide_path_on_the_gateway_before_the_pod_runs(
     kube_api: KubeApiServer, routed: KubernetesBackend
 ) -> None:
+    require_crds()  # the route is an Istio VirtualService
     workspace = _workspace()
 
     await routed.create(workspace)

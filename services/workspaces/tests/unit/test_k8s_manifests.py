@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from flywheel_testing.kube import ManifestError, validate_manifest
+from flywheel_testing.kube import ManifestError, require_crds, validate_manifest
 from flywheel_workspaces.adapters import k8s_manifests as manifests
 from flywheel_workspaces.adapters.k8s_manifests import KubernetesOptions
 from flywheel_workspaces.ports import (
@@ -350,6 +350,7 @@ def test_behind_an_ingress_host_ssh_goes_through_a_port_forward_of_the_service()
 
 @pytest.mark.parametrize("ide", ["code-server", "jupyter"])
 def test_the_route_passes_the_virtual_service_crd(ide: str) -> None:
+    require_crds()
     route = manifests.route(_workspace(ide=ide), ROUTED)
 
     assert route is not None
