@@ -1,8 +1,10 @@
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import flywheel_cli.app as cli
@@ -11,6 +13,7 @@ from flywheel_cli.settings import CliSettings
 from flywheel_cli.tune import TuneOutcome, TuneRequest, constraints_for
 from flywheel_serving.repository import ServingOptions
 from flywheel_serving.tuning import (
+    GOLDEN_TAG,
     Constraints,
     GoldenPoint,
     LoadPoint,
@@ -19,6 +22,7 @@ from flywheel_serving.tuning import (
     TuningGrid,
     TuningResult,
 )
+from flywheel_testing.serving import digit_model_files, register_model_files
 
 runner = CliRunner()
 BASE = ServingOptions(flavour="python")
@@ -109,3 +113,55 @@ def test_tune_passes_flags_through_and_exits_1_without_a_golden_config(
     assert request.triton_url == "triton:8000"
     assert not request.log
     assert ("golden" in result.output) is golden
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tune_profiles_a_registered_version_in_triton_and_records_its_golden_config(
+    triton_server: Any, mlflow_tracking_uri: str, tmp_path: Path
+) -> None:
+    """The command end to end: the version from MLflow, the load on the real Triton, the
+    golden configuration back on the version."""
+    name = f"digits-{uuid.uuid4().hex[:8]}"
+    version = register_model_files(mlflow_tracking_uri, digit_model_files(name, "1", seed=5))
+
+    result = runner.invoke(
+        cli.app,
+        [
+            "--base-dir",
+            str(tmp_path),
+            "tune",
+            name,
+            "--version",
+            version,
+            "--triton-url",
+            triton_server.http_url,
+            "--mlflow-uri",
+            mlflow_tracking_uri,
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "300",
+            "--max-batch-sizes",
+            "64",
+            "--queue-delays-us",
+            "0,500",
+            "--instances",
+            "1",
+            "--json",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    outcome = TuneOutcome.model_validate_json(result.stdout)
+    golden = outcome.result.golden
+    assert golden is not None
+    assert outcome.artifacts_uri is not None
+    assert {trial.config.max_queue_delay_microseconds for trial in outcome.result.trials} == {
+        0,
+        500,
+    }
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri, registry_uri=mlflow_tracking_uri)
+    tags = client.get_model_version(name, version).tags
+    assert GoldenPoint.model_validate_json(tags[GOLDEN_TAG]) == golden

@@ -201,6 +201,48 @@ def test_triton_scales_on_requests_per_second_derived_from_the_golden_point():
     assert [m["type"] for m in default["spec"]["metrics"]] == ["Resource"]
 
 
+def test_the_validators_performance_gate_gets_a_triton_sidecar_on_the_folder_it_writes(
+    catalog, dockerfile, image_env, settings_from
+):
+    values = {"services": {"validator": {"performanceGate": {"enabled": True}}}}
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    manifests = [d for text in rendered.values() for d in yaml.safe_load_all(text) if d]
+    deployment = next(
+        d
+        for d in manifests
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == component("validator")
+    )
+    config = next(
+        d["data"]
+        for d in manifests
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == f"{component('validator')}-config"
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    service, sidecar = pod["containers"]
+    deployable = catalog["validator"]
+    env = image_env(dockerfile(deployable.dockerfile)) | config
+    settings = settings_from(deployable, env)
+
+    gate = settings.performance  # type: ignore[attr-defined]
+    assert gate.enabled
+    assert sidecar["name"] == "gate-triton"
+    assert f"--model-repository={gate.repository_dir}" in sidecar["args"]
+    assert "--model-control-mode=explicit" in sidecar["args"]
+    assert gate.triton_url == f"127.0.0.1:{sidecar['ports'][0]['containerPort']}"
+    mounts = {m["name"]: m["mountPath"] for m in service["volumeMounts"]}
+    assert mounts["gate-models"] == str(gate.repository_dir)
+    assert {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}["gate-models"] == str(
+        gate.repository_dir
+    )
+    assert "gate-models" in {v["name"] for v in pod["volumes"]}
+    validate_manifests([deployment], kube_version=KUBE_VERSIONS[-1])
+    default = of_kind("default", "Deployment")[component("validator")]["spec"]["template"]
+    assert [c["name"] for c in default["spec"]["containers"]] == ["validator"]
+    default_config = of_kind("default", "ConfigMap")[f"{component('validator')}-config"]["data"]
+    assert not any("PERFORMANCE__" in key for key in default_config)
+
+
 # --- Kubernetes schemas -----------------------------------------------------------------------
 
 

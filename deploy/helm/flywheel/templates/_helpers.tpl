@@ -137,6 +137,14 @@ repository under kserve.versionsUri before naming it there. */}}
 {{ $prefix }}KSERVE__MODEL_FORMAT: {{ .root.Values.kserve.modelFormat | quote }}
 {{ $prefix }}KSERVE__SERVICE_ACCOUNT: {{ $kserve | quote }}
 {{- end }}
+{{- with .values.performanceGate }}
+{{- if .enabled }}
+{{- /* The gate's Triton is the pod's sidecar: same network namespace, same folder. */}}
+{{ $prefix }}PERFORMANCE__ENABLED: "true"
+{{ $prefix }}PERFORMANCE__TRITON_URL: {{ printf "127.0.0.1:%v" .httpPort | quote }}
+{{ $prefix }}PERFORMANCE__REPOSITORY_DIR: {{ .repositoryDir | quote }}
+{{- end }}
+{{- end }}
 {{- range $key, $value := .values.config }}
 {{ $prefix }}{{ $key }}: {{ tpl (toString $value) $.root | quote }}
 {{- end }}

@@ -29,6 +29,7 @@ Usage:
 {{- /* The Role may sit in another namespace (the one the workload manages objects in). */ -}}
 {{- $rbacNamespace := tpl (($v.rbac | default dict).namespace | default $root.Release.Namespace) $root -}}
 {{- $secretName := $v.existingSecret | default $root.Values.secrets.existingSecret -}}
+{{- $gate := $v.performanceGate | default dict -}}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) -}}
 {{- fail (printf "%s: autoscaling.minReplicas is above maxReplicas" .name) -}}
 {{- end -}}
@@ -213,7 +214,7 @@ spec:
             {{- toYaml $v.resources | nindent 12 }}
           securityContext:
             {{- toYaml $containerSecurity | nindent 12 }}
-          {{- if or $v.writableDirs .repository }}
+          {{- if or $v.writableDirs .repository $gate.enabled }}
           volumeMounts:
             {{- range $v.writableDirs }}
             - name: {{ .name }}
@@ -224,13 +225,66 @@ spec:
               mountPath: {{ .mountPath }}
               readOnly: {{ .readOnly }}
             {{- end }}
+            {{- if $gate.enabled }}
+            - name: gate-models
+              mountPath: {{ $gate.repositoryDir }}
+            {{- end }}
           {{- end }}
-      {{- if or $v.writableDirs .repository }}
+        {{- if $gate.enabled }}
+        {{- /* The performance gate's own Triton (see the validator's values). */}}
+        - name: gate-triton
+          image: {{ include "flywheel.image" (dict "root" $root "values" $gate) | quote }}
+          imagePullPolicy: {{ ($gate.image | default dict).pullPolicy | default $root.Values.image.pullPolicy }}
+          command: [tritonserver]
+          args:
+            - --model-repository={{ $gate.repositoryDir }}
+            - --model-control-mode=explicit
+            - --strict-readiness=false
+            - --http-port={{ $gate.httpPort }}
+            - --allow-grpc=false
+            - --allow-metrics=false
+          ports:
+            - name: gate-http
+              containerPort: {{ $gate.httpPort }}
+              protocol: TCP
+          startupProbe:
+            httpGet:
+              path: /v2/health/live
+              port: gate-http
+            periodSeconds: 5
+            failureThreshold: 36
+          livenessProbe:
+            httpGet:
+              path: /v2/health/live
+              port: gate-http
+            periodSeconds: 10
+            timeoutSeconds: 3
+            failureThreshold: 3
+          resources:
+            {{- toYaml $gate.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $containerSecurity | nindent 12 }}
+          volumeMounts:
+            - name: gate-models
+              mountPath: {{ $gate.repositoryDir }}
+              readOnly: true
+            - name: gate-tmp
+              mountPath: /tmp
+        {{- end }}
+      {{- if or $v.writableDirs .repository $gate.enabled }}
       volumes:
         {{- range $v.writableDirs }}
         - name: {{ .name }}
           emptyDir:
             sizeLimit: {{ .sizeLimit | default "256Mi" }}
+        {{- end }}
+        {{- if $gate.enabled }}
+        - name: gate-models
+          emptyDir:
+            sizeLimit: {{ $gate.sizeLimit | default "2Gi" }}
+        - name: gate-tmp
+          emptyDir:
+            sizeLimit: 1Gi
         {{- end }}
         {{- with .repository }}
         - name: model-repository

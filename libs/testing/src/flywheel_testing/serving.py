@@ -8,15 +8,19 @@ initialisation, which is all a serving test needs.
 from __future__ import annotations
 
 import functools
+import tempfile
+import uuid
+from pathlib import Path
 from typing import Final
 
 import torch
+from mlflow import MlflowClient
 
 from flywheel_clients.registry import ModelFiles
-from flywheel_vision.export import export_onnx
+from flywheel_vision.export import export_onnx, labels_json
 from flywheel_vision.model import DigitNet
 
-__all__ = ["DIGIT_LABELS", "digit_model_files", "digit_onnx"]
+__all__ = ["DIGIT_LABELS", "digit_model_files", "digit_onnx", "register_model_files"]
 
 DIGIT_LABELS: Final = tuple(str(digit) for digit in range(10))
 """Class names of the digit models, in output order."""
@@ -35,3 +39,20 @@ def digit_onnx(seed: int) -> bytes:
 def digit_model_files(name: str, version: str, seed: int) -> ModelFiles:
     """The files of version ``version`` of model ``name``, as the registry would return them."""
     return ModelFiles(name=name, version=version, onnx=digit_onnx(seed), labels=list(DIGIT_LABELS))
+
+
+def register_model_files(tracking_uri: str, files: ModelFiles) -> str:
+    """Register ``files`` as a new model ``files.name`` in MLflow, the way training leaves a
+    version (``model/model.onnx`` and ``model/labels.json`` in a finished run); its number."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run = client.create_run(client.create_experiment(f"{files.name}-{uuid.uuid4().hex[:6]}"))
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "model.onnx").write_bytes(files.onnx)
+        (Path(folder) / "labels.json").write_bytes(labels_json(files.labels))
+        client.log_artifacts(run.info.run_id, folder, artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(files.name)
+    version = client.create_model_version(
+        files.name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    return str(version.version)

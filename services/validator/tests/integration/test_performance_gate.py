@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(150
 
 # The Triton bundled with nvidia-pytriton has only the Python backend.
 SERVING = ServingOptions(flavour="python", max_batch_size=8, preferred_batch_sizes=(8,))
-# Margins for 2 cores shared with a CI run: there two identical models measured taking turns came
-# out up to 34 % apart in throughput and a p99 of a few milliseconds jumped by several, while the
-# heavier model is 75-90 % slower. On a machine of its own the defaults (20 %, +50 % + 2 ms) hold.
-GATE = PerformanceGate(throughput_margin=0.4, p99_slack_ms=10.0)
+# The gate as the validator ships it (20 % throughput, p99 +50 % + 2 ms). Rounds of 400 requests
+# a level: with 150 two identical models taking turns on 2 shared cores came out up to 34 % apart;
+# with 400 they stayed within 2 % in 3 runs of 3, while the heavier model is 80 % slower.
+GATE = PerformanceGate()
 LEVELS = [1, 4]
 
 
@@ -73,7 +73,7 @@ async def control(triton_server: TritonServer) -> AsyncIterator[TritonControl]:
 
 
 def benchmark(
-    control: TritonControl, triton_server: TritonServer, *, requests: int = 150, rounds: int = 3
+    control: TritonControl, triton_server: TritonServer, *, requests: int = 400, rounds: int = 3
 ) -> TritonBenchmark:
     return TritonBenchmark(
         control,
@@ -113,7 +113,7 @@ async def test_a_candidate_with_heavier_compute_fails_the_gate_with_its_figures(
         f"performance: throughput candidate {slow['serving_rps']:.0f} rps vs champion "
         f"{fast['serving_rps']:.0f} rps ("
     )
-    assert "beyond -40% margin" in outcome.result.reason, outcome.result.reason
+    assert "beyond -20% margin" in outcome.result.reason, outcome.result.reason
     assert outcome.result.reason.endswith(": fail")
     assert slow["serving_errors"] == fast["serving_errors"] == 0
     assert {p.concurrency for p in run.candidate} == {p.concurrency for p in run.champion} == {1, 4}
