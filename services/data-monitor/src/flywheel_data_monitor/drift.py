@@ -1,0 +1,251 @@
+"""Drift tests: a window of production inferences against the champion's training reference.
+
+Pure functions of arrays; the service feeds them from the inference logs (current window) and
+the reference the champion's training snapshot gave (computed once per version). Three kinds:
+
+* ``embedding``: a domain classifier (logistic regression, out-of-fold) asked to tell current
+  embeddings from reference ones. Its ROC AUC is the effect size an operator can read (0.5: the
+  classifier cannot tell them apart) and the Mann-Whitney U test of its out-of-fold scores gives
+  the p-value. Chosen over MMD because "a classifier separates them with AUC 0.93" is a number
+  people act on, and it costs one small fit per window.
+* ``statistic``: per image statistic (brightness, contrast, size), the two-sample
+  Kolmogorov-Smirnov test (p-value) and the population stability index (effect size, on the
+  reference's deciles).
+* ``classes``: chi-square test of the predicted-class counts against the reference's.
+
+Each test judges only with at least ``min_samples`` on both sides, and calls drift only when the
+p-value is below ``p_value`` *and* the effect size passes its threshold: with thousands of
+logs a significant but negligible difference must not wake anybody up (and retrain nothing).
+scipy and scikit-learn supply the statistics; nothing here is written by hand beyond PSI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats  # type: ignore[import-untyped]
+
+__all__ = [
+    "DriftTest",
+    "DriftThresholds",
+    "classes_test",
+    "embedding_test",
+    "population_stability_index",
+    "statistic_test",
+]
+
+TestKind = Literal["embedding", "statistic", "classes"]
+Floats = npt.NDArray[np.float64]
+
+_PSI_EPSILON: Final = 1e-4
+"""Share given to an empty bin, so PSI stays finite."""
+
+
+class DriftThresholds(BaseModel):
+    """When a test judges and when it calls drift."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    min_samples: int = Field(default=200, ge=10)
+    """Fewest inferences (and reference samples) a test needs before it judges."""
+
+    p_value: float = Field(default=0.001, gt=0, lt=1)
+    """Significance level of every test (several run per window, so it is strict)."""
+
+    min_auc: float = Field(default=0.7, gt=0.5, le=1)
+    """Domain-classifier AUC from which embeddings count as drifted."""
+
+    min_psi: float = Field(default=0.2, gt=0)
+    """Population stability index from which a statistic counts as drifted (0.1-0.2 is a
+    moderate shift by the usual reading, above 0.2 a large one)."""
+
+    min_class_shift: float = Field(default=0.1, gt=0, le=1)
+    """Total variation distance of the predicted-class mix from which it counts as drifted."""
+
+    max_samples: int = Field(default=2000, ge=10)
+    """Most samples per side a test uses (a deterministic subsample beyond that)."""
+
+
+class DriftTest(BaseModel):
+    """One test's result, with the numbers behind it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: TestKind
+    feature: str
+    """What was compared: ``embedding``, a statistic's name, ``predicted_class``."""
+    judged: bool
+    """False when either side had fewer than ``min_samples``; such a test reports no drift."""
+    drifted: bool
+    statistic: float | None = None
+    """The test statistic (U, KS D, chi-square)."""
+    p_value: float | None = None
+    effect: float | None = None
+    """AUC, PSI or total variation distance: what the effect threshold applies to."""
+    threshold: float
+    """The effect threshold the test used."""
+    reference_samples: int
+    current_samples: int
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+def _subsample(values: npt.NDArray[Any], limit: int, seed: int) -> npt.NDArray[Any]:
+    if len(values) <= limit:
+        return values
+    picked = np.random.default_rng(seed).choice(len(values), size=limit, replace=False)
+    return values[np.sort(picked)]
+
+
+def _unjudged(
+    kind: TestKind, feature: str, threshold: float, reference: int, current: int
+) -> DriftTest:
+    return DriftTest(
+        kind=kind,
+        feature=feature,
+        judged=False,
+        drifted=False,
+        threshold=threshold,
+        reference_samples=reference,
+        current_samples=current,
+    )
+
+
+def embedding_test(
+    reference: npt.ArrayLike,
+    current: npt.ArrayLike,
+    thresholds: DriftThresholds,
+    *,
+    seed: int = 0,
+) -> DriftTest:
+    """Domain classifier on embeddings (rows are samples): AUC and Mann-Whitney p-value."""
+    # scikit-learn is only needed here; the import costs a second at start-up otherwise.
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+    from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict  # type: ignore[import-untyped]
+    from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
+    from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
+
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    if min(len(ref), len(cur)) < thresholds.min_samples:
+        return _unjudged("embedding", "embedding", thresholds.min_auc, len(ref), len(cur))
+    ref = _subsample(ref, thresholds.max_samples, seed)
+    cur = _subsample(cur, thresholds.max_samples, seed + 1)
+    features = np.vstack([ref, cur])
+    target = np.concatenate([np.zeros(len(ref)), np.ones(len(cur))])
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    scores = cross_val_predict(model, features, target, cv=folds, method="predict_proba")[:, 1]
+    auc = float(roc_auc_score(target, scores))
+    # AUC = U / (n_ref * n_cur): the one-sided U test asks whether current scores rank higher.
+    test = stats.mannwhitneyu(scores[target == 1], scores[target == 0], alternative="greater")
+    p_value = float(test.pvalue)
+    return DriftTest(
+        kind="embedding",
+        feature="embedding",
+        judged=True,
+        drifted=p_value < thresholds.p_value and auc >= thresholds.min_auc,
+        statistic=float(test.statistic),
+        p_value=p_value,
+        effect=auc,
+        threshold=thresholds.min_auc,
+        reference_samples=len(ref),
+        current_samples=len(cur),
+        details={"dimensions": int(features.shape[1]), "folds": 5},
+    )
+
+
+def population_stability_index(reference: Floats, current: Floats, bins: int = 10) -> float:
+    """PSI of ``current`` against ``reference`` over the reference's quantile bins."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:  # a constant reference: one bin holding it, one for everything else
+        edges = np.array([reference[0], reference[0] + 1e-12])
+    inner = edges[1:-1]
+    ref_share = np.bincount(np.searchsorted(inner, reference, side="right"), minlength=len(edges))
+    cur_share = np.bincount(np.searchsorted(inner, current, side="right"), minlength=len(edges))
+    expected = np.maximum(ref_share / len(reference), _PSI_EPSILON)
+    actual = np.maximum(cur_share / len(current), _PSI_EPSILON)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def statistic_test(
+    feature: str,
+    reference: npt.ArrayLike,
+    current: npt.ArrayLike,
+    thresholds: DriftThresholds,
+    *,
+    seed: int = 0,
+) -> DriftTest:
+    """Kolmogorov-Smirnov p-value and PSI effect of one per-image statistic."""
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    cur = np.asarray(current, dtype=np.float64).ravel()
+    if min(len(ref), len(cur)) < thresholds.min_samples:
+        return _unjudged("statistic", feature, thresholds.min_psi, len(ref), len(cur))
+    ref = _subsample(ref, thresholds.max_samples, seed)
+    cur = _subsample(cur, thresholds.max_samples, seed + 1)
+    test = stats.ks_2samp(ref, cur)
+    psi = population_stability_index(ref, cur)
+    p_value = float(test.pvalue)
+    return DriftTest(
+        kind="statistic",
+        feature=feature,
+        judged=True,
+        drifted=p_value < thresholds.p_value and psi >= thresholds.min_psi,
+        statistic=float(test.statistic),
+        p_value=p_value,
+        effect=psi,
+        threshold=thresholds.min_psi,
+        reference_samples=len(ref),
+        current_samples=len(cur),
+        details={
+            "reference_mean": float(ref.mean()),
+            "current_mean": float(cur.mean()),
+        },
+    )
+
+
+def classes_test(
+    reference: Mapping[str, int], current: Mapping[str, int], thresholds: DriftThresholds
+) -> DriftTest:
+    """Chi-square test of predicted-class counts (classes seen on either side)."""
+    classes = sorted(set(reference) | set(current))
+    ref = np.array([reference.get(name, 0) for name in classes], dtype=np.float64)
+    cur = np.array([current.get(name, 0) for name in classes], dtype=np.float64)
+    n_ref, n_cur = int(ref.sum()), int(cur.sum())
+    if min(n_ref, n_cur) < thresholds.min_samples:
+        return _unjudged("classes", "predicted_class", thresholds.min_class_shift, n_ref, n_cur)
+    seen = (ref + cur) > 0
+    table = np.vstack([ref[seen], cur[seen]])
+    if table.shape[1] < 2:  # one class on both sides: nothing to compare
+        chi2, p_value = 0.0, 1.0
+    else:
+        result = stats.chi2_contingency(table)
+        chi2, p_value = float(result.statistic), float(result.pvalue)
+    shift = float(0.5 * np.abs(ref / n_ref - cur / n_cur).sum())
+    return DriftTest(
+        kind="classes",
+        feature="predicted_class",
+        judged=True,
+        drifted=p_value < thresholds.p_value and shift >= thresholds.min_class_shift,
+        statistic=chi2,
+        p_value=p_value,
+        effect=shift,
+        threshold=thresholds.min_class_shift,
+        reference_samples=n_ref,
+        current_samples=n_cur,
+        details={
+            "reference_shares": _shares(classes, ref),
+            "current_shares": _shares(classes, cur),
+        },
+    )
+
+
+def _shares(classes: Sequence[str], counts: Floats) -> dict[str, float]:
+    total = counts.sum()
+    return {
+        name: round(float(count / total), 4) for name, count in zip(classes, counts, strict=True)
+    }
