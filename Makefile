@@ -8,7 +8,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
 SOURCES = $(wildcard libs/*/src services/*/src cli/src)
 
-.PHONY: install test test-hardening lint format typecheck schemas env-example asyncapi check demo up down bench clean
+.PHONY: install test test-hardening lint format typecheck schemas env-example config-docs asyncapi check demo up down bench clean
 
 $(STAMP): constraints.txt requirements-dev.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml cli/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ schemas: install
 
 env-example: install
 	$(BIN)/python scripts/env_example.py
+
+config-docs: install
+	$(BIN)/python scripts/config_docs.py
 
 asyncapi: install
 	FLYWHEEL_WRITE_ASYNCAPI=1 $(BIN)/pytest -q -k asyncapi services
