@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,15 +18,31 @@ from rich.table import Table
 from flywheel_cli.dlq import DlqError, non_empty, queue_of, replay
 from flywheel_cli.endpoints import stack_urls
 from flywheel_cli.infra import InfraError
+from flywheel_cli.models import MlflowModels, RegistrationError, publish_trained
 from flywheel_cli.queues import replica_queues
 from flywheel_cli.scenarios import SCENARIOS, DemoError, DemoOptions
-from flywheel_cli.services import ACTIONS, Action, ServiceError, Services, TimelineEntry
+from flywheel_cli.services import (
+    ACTIONS,
+    Action,
+    RunView,
+    ServiceError,
+    Services,
+    TimelineEntry,
+)
 from flywheel_cli.settings import CliSettings
 from flywheel_cli.stack import COMPONENTS, Stack, StackError
 from flywheel_cli.state import StateFile, StateFileError
 from flywheel_cli.status import collect_status, render_status
 from flywheel_cli.supervise import StartError
 from flywheel_cli.tokens import NoCredentialsError
+from flywheel_cli.training import (
+    TERMINAL,
+    SubmitError,
+    entry_point_for,
+    follow,
+    parse_hyperparameters,
+    request_body,
+)
 
 app = typer.Typer(
     name="flywheel",
@@ -44,6 +61,8 @@ EXPECTED_ERRORS = (
     ServiceError,
     NoCredentialsError,
     DlqError,
+    RegistrationError,
+    SubmitError,
     httpx.HTTPError,
 )
 """Failures with a message that says it all: printed without a traceback, exit code 1."""
@@ -485,6 +504,226 @@ def tune(
             )
     if result.golden is None:
         raise typer.Exit(1)
+
+
+train_app = typer.Typer(
+    help="Training runs with a model line's own entry point, through trainer-dispatch.",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("submit")
+def train_submit(
+    ctx: typer.Context,
+    entry_point: Annotated[
+        str,
+        typer.Argument(
+            help="Script path or package.module:function (docs/bring-your-own-model.md); "
+            "'line' for the model line's configured one."
+        ),
+    ],
+    model_line: Annotated[str, typer.Option("--line", help="Model line to train.")],
+    snapshot_id: Annotated[str, typer.Option("--snapshot", help="Dataset snapshot id.")],
+    project_id: Annotated[
+        str | None, typer.Option("--project", help="Project (default: the model line).")
+    ] = None,
+    nproc: Annotated[
+        int | None, typer.Option("--nproc", min=1, max=64, help="Processes per node (DDP).")
+    ] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Hyperparameter key=value (repeatable)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="Follow the run until it ends.")
+    ] = True,
+    timeout_s: Annotated[
+        float | None, typer.Option("--timeout", help="Stop following after this many seconds.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+) -> None:
+    """Start a training run through trainer-dispatch and follow it until it ends.
+
+    Exits 1 when the run fails or is cancelled. A run that succeeds registers a version,
+    which goes through validation and the canary like a retrained one.
+    """
+    settings = settings_of(ctx)
+    out = console()
+    with reported_errors():
+        body = request_body(
+            project_id=project_id or model_line,
+            model_line=model_line,
+            snapshot_id=snapshot_id,
+            entry_point=None if entry_point == "line" else entry_point_for(entry_point),
+            hyperparameters=parse_hyperparameters(params or []),
+            nproc_per_node=nproc,
+        )
+
+        async def submit(services: Services) -> Any:
+            run = await services.submit_run(body, uuid.uuid4())
+            if not as_json:
+                out.print(f"run [bold]{run.run_id}[/] {run.state} for {run.model_line}")
+            if not wait:
+                return run
+            seen: dict[str, Any] = {"state": run.state}
+            with out.status(f"{run.state}…") as spinner:
+
+                def update(current: RunView) -> None:
+                    if current.state != seen["state"] and not as_json:
+                        out.print(f"  {current.state}")
+                    seen["state"] = current.state
+                    last = current.log_tail.strip().splitlines()[-1:] if current.log_tail else []
+                    spinner.update(f"{current.state}… {last[0][:100] if last else ''}")
+
+                return await follow(
+                    services,
+                    str(run.run_id),
+                    on_update=update,
+                    poll_s=settings.train_poll_s,
+                    timeout_s=timeout_s,
+                )
+
+        final: RunView = run_async(_with_services(settings, submit))
+    if as_json:
+        typer.echo(final.model_dump_json(indent=2))
+    elif final.state == "succeeded":
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.metrics.items()))
+        out.print(
+            f"[green]succeeded[/]: {final.registered_model} version {final.model_version} "
+            f"(MLflow run {final.mlflow_run_id}) {metrics}",
+            soft_wrap=True,
+        )
+    elif final.state in TERMINAL:
+        out.print(f"[red]{final.state}[/]: {final.failure_reason or ''}", soft_wrap=True)
+        if final.log_tail:
+            out.print(final.log_tail, markup=False, highlight=False)
+    else:
+        out.print(f"still {final.state}: follow it with `flywheel status`")
+    if final.state in TERMINAL and final.state != "succeeded":
+        raise typer.Exit(1)
+
+
+def _mlflow(settings: CliSettings, client: httpx.AsyncClient) -> MlflowModels:
+    state = StateFile(settings.state_path).load()
+    return MlflowModels(client, stack_urls(settings, state)["mlflow"])
+
+
+@app.command()
+def runs(
+    ctx: typer.Context,
+    model_line: Annotated[str, typer.Argument(help="Model line (its MLflow experiment).")],
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Newest runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+) -> None:
+    """The MLflow runs of a model line, newest first, with the versions they registered."""
+    settings = settings_of(ctx)
+
+    async def read() -> Any:
+        async with http_client(settings) as client:
+            return await _mlflow(settings, client).runs(model_line, limit)
+
+    with reported_errors():
+        rows = run_async(read())
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return
+    table = Table(title=f"Runs of {model_line}", title_justify="left")
+    for column in ("run", "status", "started", "entry point", "val_accuracy", "versions"):
+        table.add_column(column)
+    for row in rows:
+        accuracy = row.metrics.get("val_accuracy")
+        table.add_row(
+            row.run_id,
+            row.status,
+            row.started_at.astimezone().strftime("%Y-%m-%d %H:%M") if row.started_at else "-",
+            row.entry_point or "-",
+            "-" if accuracy is None else f"{accuracy:.4f}",
+            ", ".join(row.versions) or "-",
+        )
+    console().print(table)
+
+
+models_app = typer.Typer(
+    help="Registered versions of a model line; register an experiment run.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context,
+    model_line: Annotated[str, typer.Argument(help="Model line (registered model).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the versions as JSON.")] = False,
+) -> None:
+    """Every registered version of a model line with its aliases and validation verdict."""
+    settings = settings_of(ctx)
+
+    async def read() -> Any:
+        async with http_client(settings) as client:
+            return await _mlflow(settings, client).versions(model_line)
+
+    with reported_errors():
+        rows = run_async(read())
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return
+    table = Table(title=f"Versions of {model_line}", title_justify="left")
+    for column in ("version", "aliases", "verdict", "accuracy", "entry point", "run"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.version,
+            ", ".join(row.aliases) or "-",
+            row.verdict or "-",
+            "-" if row.accuracy is None else f"{row.accuracy:.4f}",
+            row.entry_point or "-",
+            row.run_id or "-",
+        )
+    console().print(table)
+
+
+@models_app.command("register")
+def models_register(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="MLflow run that logged a model/ folder.")],
+    model_line: Annotated[
+        str | None, typer.Option("--line", help="Model line (default: the run's tag).")
+    ] = None,
+    project_id: Annotated[
+        str | None, typer.Option("--project", help="Project (default: the run's tag).")
+    ] = None,
+    snapshot_id: Annotated[
+        str | None, typer.Option("--snapshot", help="Snapshot (default: the run's tag).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registration.")] = False,
+) -> None:
+    """Register an experiment run as a version of its model line and announce it with
+    model.trained: the validator judges it and rollout canaries it like a retrained one."""
+    settings = settings_of(ctx)
+    state = StateFile(settings.state_path).load()
+    namespace = state.namespace if state is not None else settings.namespace
+
+    async def register() -> Any:
+        async with http_client(settings) as client:
+            registration, event = await _mlflow(settings, client).register_run(
+                run_id, model_line=model_line, project_id=project_id, snapshot_id=snapshot_id
+            )
+        await publish_trained(settings.platform.rabbit_url.get_secret_value(), namespace, event)
+        return registration
+
+    with reported_errors():
+        registration = run_async(register())
+    if as_json:
+        typer.echo(registration.model_dump_json(indent=2))
+        return
+    verb = "registered" if registration.created else "already registered"
+    console().print(
+        f"[green]{verb}[/] run {run_id} as {registration.registered_model} version "
+        f"{registration.version}; model.trained published ({registration.event_id}): "
+        "validation and the canary follow",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

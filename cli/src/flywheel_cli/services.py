@@ -41,6 +41,12 @@ class RunView(View):
     finished_at: datetime | None = None
     failure_reason: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    registered_model: str | None = None
+    mlflow_run_id: str | None = None
+    entry_point: str | None = None
+    queue_position: int | None = None
+    log_tail: str = ""
+    """Only in a single run's view (``GET /v1/runs/{id}``)."""
 
 
 class CanaryView(View):
@@ -129,6 +135,23 @@ class Services:
             "trainer-dispatch", "/v1/runs", roles=(OPERATOR,), limit=limit, model_line=model_line
         )
         return [RunView.model_validate(run) for run in body["runs"]]
+
+    async def submit_run(
+        self, body: Mapping[str, Any], idempotency_key: uuid.UUID | None = None
+    ) -> RunView:
+        """Queue a run as an operator; the same idempotency key returns the same run."""
+        headers = bearer(self.settings, (OPERATOR,))
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = str(idempotency_key)
+        response = await self.client.post(
+            self._url("trainer-dispatch", "/v1/runs"), json=dict(body), headers=headers
+        )
+        raise_for("trainer-dispatch", response)
+        return RunView.model_validate(response.json())
+
+    async def training_run(self, run_id: str) -> RunView:
+        body = await self._get("trainer-dispatch", f"/v1/runs/{run_id}", roles=(OPERATOR,))
+        return RunView.model_validate(body)
 
     # --- rollout ----------------------------------------------------------------------------
 

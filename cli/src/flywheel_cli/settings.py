@@ -115,6 +115,9 @@ class CliSettings(BaseSettings):
     http_timeout_s: float = Field(default=30.0, gt=0)
     """Timeout of one request to a service's API."""
 
+    train_poll_s: float = Field(default=1.0, gt=0)
+    """How often ``flywheel train submit`` asks trainer-dispatch how its run is doing."""
+
     dev_signing_key: SecretStr | None = None
     """PEM key tokens are signed with; unset: the key ``up`` wrote under the base directory."""
 

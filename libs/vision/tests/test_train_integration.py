@@ -17,6 +17,7 @@ from flywheel_contracts.datasets import (
     ManifestEntry,
     Split,
 )
+from flywheel_runtime.errors import InvalidInputError
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.storage import ObjectStorage
 from flywheel_testing.datasets import write_mnist_snapshot
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 IMAGES = 1500
 PROJECT = "digits"
-ARTIFACT_FILES = {"model.onnx", "config.pbtxt", "labels.json", "state_dict.pt"}
+ARTIFACT_FILES = {"model.onnx", "model.json", "config.pbtxt", "labels.json", "state_dict.pt"}
 
 
 @dataclass(frozen=True)
@@ -253,3 +254,62 @@ def test_torchrun_with_two_ranks_makes_one_run_and_one_version(
     versions = client.search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == ["1"]
     assert versions[0].tags["training_run_id"] == "tr-ddp"
+
+
+EXAMPLE = (
+    Path(__file__).resolve().parents[3]
+    / "examples"
+    / "bring-your-own-model"
+    / "train_tiny_convnet.py"
+)
+
+
+def test_a_script_entry_point_is_run_checked_and_logged_as_an_experiment(
+    snapshot: Snapshot,
+    platform: PlatformSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _single_process(monkeypatch)
+    client = MlflowClient(platform.mlflow_uri)
+    name = f"byo-{uuid.uuid4().hex[:8]}"
+    config = _config(
+        snapshot,
+        name,
+        entry_point=str(EXAMPLE),
+        epochs=1,
+        hyperparameters={"batch_size": 32},
+        register_version=False,
+        model_line=name,
+    )
+
+    result = train(config, platform=platform)
+
+    assert result is not None
+    assert result.version is None
+    assert client.search_model_versions(f"name = '{name}'") == []
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["entry_point"] == str(EXAMPLE)
+    assert run.data.tags["model_line"] == name
+    assert run.data.tags["architecture"] == "TinyConvNet"
+    assert (run.data.params["batch_size"], run.data.params["input_size"]) == ("32", "32")
+    assert {"train_loss", "val_accuracy", "train_seconds", "model_size_bytes"} <= set(
+        run.data.metrics
+    )
+    listed = {Path(a.path).name for a in client.list_artifacts(result.run_id, "model")}
+    assert listed == {"model.onnx", "model.json", "config.pbtxt", "labels.json"}
+    local = Path(client.download_artifacts(result.run_id, "model", str(tmp_path)))
+    assert "dims: [ 3, 32, 32 ]" in (local / "config.pbtxt").read_text()
+    signature = json.loads((local / "model.json").read_text())
+    assert signature["preprocessing"]["channels"] == 3
+    assert signature["inputs"][0]["name"] == "image"
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("print('trained, but forgot model.json')\n")
+    with pytest.raises(InvalidInputError, match=r"left no model\.json"):
+        train(_config(snapshot, name, entry_point=str(broken)), platform=platform)
+    failed = client.search_runs(
+        [client.get_experiment_by_name(name).experiment_id], "attributes.status = 'FAILED'"
+    )
+    assert len(failed) == 1

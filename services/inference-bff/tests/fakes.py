@@ -28,7 +28,7 @@ from flywheel_inference_bff.errors import (
 from flywheel_inference_bff.metrics import BffMetrics
 from flywheel_inference_bff.ports import BatchJob, JobState, Progress
 from flywheel_inference_bff.routing import LineRoute
-from flywheel_inference_bff.service import Labels, Limits, Predictor, Routing
+from flywheel_inference_bff.service import Limits, Predictor, Routing, ServedVersions
 from flywheel_runtime.errors import DependencyUnavailableError, NotFoundError
 
 DIGITS = [str(d) for d in range(10)]
@@ -41,6 +41,7 @@ class FakeRegistry:
 
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)
     labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    model_json: dict[tuple[str, str], bytes] = field(default_factory=dict)
     down: bool = False
     alias_reads: int = 0
     label_reads: int = 0
@@ -55,14 +56,16 @@ class FakeRegistry:
         version = self.aliases.get((name, alias))
         return None if version is None else ModelVersionInfo(name=name, version=version)
 
-    async def download_labels(self, name: str, version: str) -> list[str]:
+    async def download_serving_files(
+        self, name: str, version: str
+    ) -> tuple[list[str], bytes | None]:
         self.label_reads += 1
         if self.down:
             raise DependencyUnavailableError("model registry is unavailable")
         found = self.labels.get((name, version))
         if found is None:
             raise NotFoundError("model version not found")
-        return found
+        return found, self.model_json.get((name, version))
 
 
 @dataclass
@@ -115,11 +118,14 @@ class FakeInference:
     slow: bool = False
     classes: int = 10
     calls: list[tuple[str, str, int]] = field(default_factory=list)
+    shapes: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    """(version, batch shape) of every call."""
 
     async def infer(
         self, model: str, version: str, images: npt.NDArray[np.float32]
     ) -> npt.NDArray[np.float32]:
         self.calls.append((model, version, len(images)))
+        self.shapes.append((version, tuple(images.shape)))
         if self.down:
             raise InferenceUnreachableError("inference server is unavailable")
         if self.slow:
@@ -215,7 +221,7 @@ def world(
     predictor = Predictor(
         routing,
         inference,
-        Labels(registry),
+        ServedVersions(registry),
         images,
         cache,
         log,

@@ -47,6 +47,7 @@ __all__ = [
     "CHAMPION",
     "CONFIG_FILE",
     "LABELS_FILE",
+    "MODEL_JSON_FILE",
     "ONNX_FILE",
     "STATE_DICT_FILE",
     "ModelFiles",
@@ -65,7 +66,8 @@ ONNX_FILE: Final = "model.onnx"
 LABELS_FILE: Final = "labels.json"
 STATE_DICT_FILE: Final = "state_dict.pt"
 CONFIG_FILE: Final = "config.pbtxt"
-"""File names of a version's artifacts (the same as ``flywheel_vision.export`` writes)."""
+MODEL_JSON_FILE: Final = "model.json"
+"""File names of a version's artifacts (the same as ``flywheel_vision.train`` logs)."""
 
 _T = TypeVar("_T")
 
@@ -125,6 +127,9 @@ class ModelFiles(BaseModel):
     """PyTorch weights (``torch.save`` of the state dict); None when the version has none."""
     config_pbtxt: str | None = None
     """Triton model configuration; None when the version has none."""
+    model_json: bytes | None = None
+    """The model's declaration (tensors and preprocessing, ``flywheel_vision.contract``);
+    None for versions registered before models declared it (they are the MNIST reference)."""
 
 
 class ModelRegistry:
@@ -275,7 +280,28 @@ class ModelRegistry:
             version,
         )
 
+    async def download_serving_files(
+        self, name: str, version: str
+    ) -> tuple[list[str], bytes | None]:
+        """A version's class names and its ``model.json`` (None when it has none): what
+        serving needs to prepare images and name classes, without the weights."""
+        return await self._run(
+            functools.partial(self._download_serving, name, version),
+            "download_serving_files",
+            name,
+            version,
+        )
+
     def _download_labels(self, name: str, version: str) -> list[str]:
+        labels, _ = self._download_small(name, version, with_model_json=False)
+        return labels
+
+    def _download_serving(self, name: str, version: str) -> tuple[list[str], bytes | None]:
+        return self._download_small(name, version, with_model_json=True)
+
+    def _download_small(
+        self, name: str, version: str, *, with_model_json: bool
+    ) -> tuple[list[str], bytes | None]:
         source = self._client.get_model_version_download_uri(name, version)
         repository = get_artifact_repository(
             source, tracking_uri=self._tracking_uri, registry_uri=self._registry_uri
@@ -284,20 +310,26 @@ class ModelRegistry:
         listed = {Path(item.path).name for item in repository.list_artifacts() if not item.is_dir}
         if LABELS_FILE not in listed:
             raise NotFoundError(f"model version artifacts lack {LABELS_FILE}", details=details)
+        wanted = [LABELS_FILE]
+        if with_model_json and MODEL_JSON_FILE in listed:
+            wanted.append(MODEL_JSON_FILE)
+        contents: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory(prefix="flywheel-labels-") as tmp:
-            try:
-                local = download_artifacts(
-                    artifact_uri=f"{source.rstrip('/')}/{LABELS_FILE}",
-                    dst_path=tmp,
-                    tracking_uri=self._tracking_uri,
-                    registry_uri=self._registry_uri,
-                )
-            except MlflowException as exc:
-                raise DependencyUnavailableError(
-                    "model registry could not serve an artifact",
-                    details=details | {"file": LABELS_FILE},
-                ) from exc
-            return _labels(Path(local).read_bytes(), details)
+            for file_name in wanted:
+                try:
+                    local = download_artifacts(
+                        artifact_uri=f"{source.rstrip('/')}/{file_name}",
+                        dst_path=tmp,
+                        tracking_uri=self._tracking_uri,
+                        registry_uri=self._registry_uri,
+                    )
+                except MlflowException as exc:
+                    raise DependencyUnavailableError(
+                        "model registry could not serve an artifact",
+                        details=details | {"file": file_name},
+                    ) from exc
+                contents[file_name] = Path(local).read_bytes()
+        return _labels(contents[LABELS_FILE], details), contents.get(MODEL_JSON_FILE)
 
     def _download(self, name: str, version: str) -> ModelFiles:
         source = self._client.get_model_version_download_uri(name, version)
@@ -309,7 +341,11 @@ class ModelRegistry:
         for required in (ONNX_FILE, LABELS_FILE):
             if required not in listed:
                 raise NotFoundError(f"model version artifacts lack {required}", details=details)
-        wanted = [f for f in (ONNX_FILE, LABELS_FILE, STATE_DICT_FILE, CONFIG_FILE) if f in listed]
+        wanted = [
+            f
+            for f in (ONNX_FILE, LABELS_FILE, STATE_DICT_FILE, CONFIG_FILE, MODEL_JSON_FILE)
+            if f in listed
+        ]
         with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
             contents: dict[str, bytes] = {}
             for file_name in wanted:
@@ -335,6 +371,7 @@ class ModelRegistry:
             labels=_labels(contents[LABELS_FILE], details),
             state_dict=contents.get(STATE_DICT_FILE),
             config_pbtxt=None if config is None else config.decode("utf-8", errors="replace"),
+            model_json=contents.get(MODEL_JSON_FILE),
         )
 
     async def _run(

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel_clients.registry import CHALLENGER, CHAMPION, ModelFiles, ModelRegistry
 from flywheel_runtime.errors import InvalidInputError, NotFoundError
 from flywheel_runtime.storage import ObjectStorage
+from flywheel_vision.contract import signature_or_reference
 from flywheel_vision.export import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -38,6 +39,7 @@ from flywheel_vision.export import (
     labels_json,
     triton_config,
 )
+from flywheel_vision.preprocess import INPUT_SHAPE
 
 __all__ = [
     "CONFIG_FILE",
@@ -45,6 +47,7 @@ __all__ = [
     "THREADS_PARAMETER",
     "ServingOptions",
     "build_model_repository",
+    "input_dims",
     "python_backend_source",
     "render_config",
     "sync_from_registry",
@@ -130,12 +133,15 @@ def build_model_repository(
 
     Each version folder gets ``model.onnx`` and ``labels.json`` (and ``model.py`` for the
     Python flavour); folders of versions not listed are removed. All versions must have the
-    same number of classes, since one config declares the output shape for all of them.
+    same number of classes, since one config declares the output shape for all of them; their
+    input shapes come from each version's ``model.json`` (``input_dims``).
     """
     validate_model_name(model_name)
     numbers = _version_numbers(model_name, versions)
     num_classes = _num_classes(model_name, versions)
-    config = render_config(model_name, num_classes, numbers, options)
+    config = render_config(
+        model_name, num_classes, numbers, options, input_dims=input_dims(model_name, versions)
+    )
     model_dir = root / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     model_py = python_backend_source() if options.flavour == "python" else None
@@ -149,7 +155,12 @@ def build_model_repository(
 
 
 def render_config(
-    model_name: str, num_classes: int, versions: Sequence[int], options: ServingOptions
+    model_name: str,
+    num_classes: int,
+    versions: Sequence[int],
+    options: ServingOptions,
+    *,
+    input_dims: Sequence[int] = INPUT_SHAPE,
 ) -> str:
     """The ``config.pbtxt`` serving ``versions`` of ``model_name`` as ``options`` say."""
     return triton_config(
@@ -167,7 +178,32 @@ def render_config(
             if options.flavour == "python"
             else None
         ),
+        input_dims=input_dims,
     )
+
+
+def input_dims(model_name: str, versions: Sequence[ModelFiles]) -> tuple[int, ...]:
+    """One image's shape as the served versions declare it, ``-1`` where they differ.
+
+    Triton has one ``config.pbtxt`` for every version of a model, so a line that changed its
+    model (28 x 28 grayscale champion, 32 x 32 RGB candidate) is served with variable
+    dimensions, and each request carries its version's own shape.
+    """
+    shapes = set()
+    for files in versions:
+        try:
+            signature = signature_or_reference(files.model_json, len(files.labels))
+        except InvalidInputError as error:
+            raise InvalidInputError(
+                f"version {files.version} has an invalid model.json: {error.message}",
+                details={"model": model_name, "version": files.version},
+            ) from error
+        shapes.add(signature.preprocessing.input_shape)
+    if len(shapes) == 1:
+        (shape,) = shapes
+        return shape
+    # One rank for all (channels, height, width); a dimension that differs becomes -1.
+    return tuple(d[0] if len(set(d)) == 1 else -1 for d in zip(*shapes, strict=True))
 
 
 async def sync_from_registry(

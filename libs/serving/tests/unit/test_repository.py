@@ -12,6 +12,8 @@ from flywheel_serving.repository import (
     python_backend_source,
     triton_s3_uri,
 )
+from flywheel_vision.contract import ModelSignature, TensorSpec
+from flywheel_vision.preprocess import PreprocessSpec
 
 PYTHON = ServingOptions(flavour="python", intra_op_threads=2)
 ORT = ServingOptions()
@@ -150,3 +152,36 @@ def test_s3_uris_are_spelled_the_way_triton_reads_them() -> None:
         "s3://https://s3.example:443/models/serving"
     )
     assert triton_s3_uri("models", "", endpoint="s3.amazonaws.com") == "s3://models"
+
+
+def _declared(version: str, height: int, channels: int) -> ModelFiles:
+    signature = ModelSignature(
+        inputs=(TensorSpec(name="image", shape=(-1, channels, height, height)),),
+        outputs=(TensorSpec(name="logits", shape=(-1, 10)),),
+        preprocessing=PreprocessSpec(
+            height=height,
+            width=height,
+            channels=channels,
+            mean=(0.5,) * channels,
+            std=(0.5,) * channels,
+        ),
+    )
+    return _files(version).model_copy(update={"model_json": signature.model_dump_json().encode()})
+
+
+def test_the_input_shape_is_the_declared_one_and_variable_where_versions_differ(
+    tmp_path: Path,
+) -> None:
+    same = build_model_repository(tmp_path / "a", "digits", [_declared("2", 32, 3)], PYTHON)
+    mixed = build_model_repository(
+        tmp_path / "b", "digits", [_files("1"), _declared("2", 32, 3)], PYTHON
+    )
+    reference = build_model_repository(tmp_path / "c", "digits", [_files("1")], PYTHON)
+
+    assert "dims: [ 3, 32, 32 ]" in (same / "config.pbtxt").read_text()
+    assert "dims: [ -1, -1, -1 ]" in (mixed / "config.pbtxt").read_text()
+    assert "dims: [ 1, 28, 28 ]" in (reference / "config.pbtxt").read_text()
+    assert "model.json" not in {p.name for p in (mixed / "2").iterdir()}
+    broken = _files("3").model_copy(update={"model_json": b"{}"})
+    with pytest.raises(InvalidInputError, match="version 3 has an invalid model"):
+        build_model_repository(tmp_path / "d", "digits", [broken], PYTHON)

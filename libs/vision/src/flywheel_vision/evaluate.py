@@ -1,8 +1,9 @@
 """Offline evaluation of an exported model, the way serving will run it.
 
 The validator compares a candidate with the champion on the same held-out images. Both are
-judged as deployed: the ONNX file on onnxruntime, fed through ``preprocess``, so an export or
-preprocessing fault shows up here rather than in a canary.
+judged as deployed: the ONNX file on onnxruntime, fed through ``preprocess`` with the
+preprocessing each declared, so an export or preprocessing fault shows up here rather than in a
+canary.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
-from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME, ImageInput, preprocess_batch
+from flywheel_vision.preprocess import (
+    INPUT_NAME,
+    MNIST_PREPROCESS,
+    OUTPUT_NAME,
+    ImageInput,
+    PreprocessSpec,
+    preprocess_batch,
+)
 
 __all__ = ["Evaluation", "evaluate", "metrics_from_predictions"]
 
@@ -71,12 +79,14 @@ def evaluate(
     batch_size: int = 256,
     latency_images: int = 100,
     threads: int = 1,
+    preprocessing: PreprocessSpec = MNIST_PREPROCESS,
 ) -> Evaluation:
     """Evaluate an ONNX model (bytes or a file path) on ``(image, class index)`` pairs.
 
     Accuracy and F1 come from batched inference; latency from up to ``latency_images`` single
     images after a warm-up, on ``threads`` intra-op threads (one, like one serving instance
-    per core, unless told otherwise). ``classes`` names the output indices in the recall map.
+    per core, unless told otherwise). ``classes`` names the output indices in the recall map;
+    ``preprocessing`` is the model's own (its ``model.json``).
     """
     onnx_bytes = model if isinstance(model, bytes) else Path(model).read_bytes()
     options = ort.SessionOptions()
@@ -96,13 +106,15 @@ def evaluate(
 
     predictions = np.zeros(len(samples), dtype=np.int64)
     for start in range(0, len(samples), batch_size):
-        batch = preprocess_batch([image for image, _ in samples[start : start + batch_size]])
+        batch = preprocess_batch(
+            [image for image, _ in samples[start : start + batch_size]], preprocessing
+        )
         (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         predictions[start : start + len(batch)] = np.asarray(logits).argmax(axis=1)
     accuracy, macro_f1, recall, confusion = metrics_from_predictions(
         labels, predictions, num_classes
     )
-    p50, p95 = _latency_ms(session, [image for image, _ in samples[:latency_images]])
+    p50, p95 = _latency_ms(session, [image for image, _ in samples[:latency_images]], preprocessing)
     return Evaluation(
         num_images=len(samples),
         accuracy=accuracy,
@@ -115,10 +127,12 @@ def evaluate(
     )
 
 
-def _latency_ms(session: ort.InferenceSession, images: Sequence[ImageInput]) -> tuple[float, float]:
+def _latency_ms(
+    session: ort.InferenceSession, images: Sequence[ImageInput], preprocessing: PreprocessSpec
+) -> tuple[float, float]:
     if not images:
         return 0.0, 0.0
-    inputs = preprocess_batch(images)
+    inputs = preprocess_batch(images, preprocessing)
     # The first runs allocate and pick kernels; they say nothing about steady-state latency.
     for _ in range(3):
         session.run([OUTPUT_NAME], {INPUT_NAME: inputs[:1]})

@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from flywheel_vision.contract import CONFIG_FILE, LABELS_FILE, ONNX_FILE, STATE_DICT_FILE
 from flywheel_vision.ddp import unwrap
 from flywheel_vision.preprocess import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 
@@ -39,11 +40,6 @@ __all__ = [
     "triton_config",
 ]
 
-ONNX_FILE: Final = "model.onnx"
-CONFIG_FILE: Final = "config.pbtxt"
-LABELS_FILE: Final = "labels.json"
-STATE_DICT_FILE: Final = "state_dict.pt"
-"""File names of a model's artifacts, in MLflow and in a Triton model repository alike."""
 
 PARITY_TOLERANCE: Final = 1e-4
 """Largest absolute logit difference between PyTorch and onnxruntime that passes."""
@@ -63,13 +59,16 @@ class ParityError(RuntimeError):
     """The ONNX export and the PyTorch model disagree beyond the tolerance."""
 
 
-def export_onnx(model: nn.Module, *, opset: int = OPSET) -> bytes:
+def export_onnx(
+    model: nn.Module, *, opset: int = OPSET, input_shape: Sequence[int] = INPUT_SHAPE
+) -> bytes:
     """Export ``model`` (plain or DDP-wrapped) to ONNX bytes with a dynamic batch dimension.
 
-    A CPU copy in eval mode is exported, so the caller's model keeps its device and mode.
+    ``input_shape`` is one image's ``(channels, height, width)``. A CPU copy in eval mode is
+    exported, so the caller's model keeps its device and mode.
     """
     plain = copy.deepcopy(unwrap(model)).cpu().eval()
-    sample = torch.zeros((2, *INPUT_SHAPE), dtype=torch.float32)
+    sample = torch.zeros((2, *input_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         # torch.export's own pytree internals trip a deprecation of torch's; nothing of ours.
@@ -155,6 +154,7 @@ def triton_config(
     instance_kind: str = "KIND_CPU",
     versions: Sequence[int] | None = None,
     parameters: Mapping[str, str] | None = None,
+    input_dims: Sequence[int] = INPUT_SHAPE,
 ) -> str:
     """A Triton ``config.pbtxt`` for the exported model.
 
@@ -163,7 +163,9 @@ def triton_config(
     ``model.py`` the serving side provides, with ``parameters`` handed to it as strings.
     ``versions`` pins the served versions (``version_policy: specific``); without it Triton
     serves the latest one. Dynamic batching is always on; ``preferred_batch_sizes`` and
-    ``max_queue_delay_microseconds`` tune how long it waits to fill a batch.
+    ``max_queue_delay_microseconds`` tune how long it waits to fill a batch. ``input_dims`` is
+    one image's shape as the model declares it (``-1`` for a dimension that varies between
+    the versions served together).
     """
     if not _SAFE_NAME.match(name):
         raise ValueError(f"model name {name!r} must match {_SAFE_NAME.pattern}")
@@ -177,6 +179,8 @@ def triton_config(
         raise ValueError(f"instance_kind must be one of {_INSTANCE_KINDS}")
     if versions is not None and (not versions or any(v < 1 for v in versions)):
         raise ValueError("versions must be a non-empty list of numbers >= 1")
+    if not input_dims or any(d < 1 and d != -1 for d in input_dims):
+        raise ValueError("input dims must be positive, or -1 for a variable dimension")
 
     lines = [f"name: {_quoted(name)}"]
     if platform == "onnxruntime_onnx":
@@ -191,7 +195,7 @@ def triton_config(
         "  {",
         f"    name: {_quoted(INPUT_NAME)}",
         "    data_type: TYPE_FP32",
-        f"    dims: {_ints(INPUT_SHAPE)}",
+        f"    dims: {_ints(input_dims)}",
         "  }",
         "]",
         "output [",

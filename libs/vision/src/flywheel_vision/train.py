@@ -1,21 +1,24 @@
-"""Training job: snapshot in S3 → trained, exported, registered model version in MLflow.
+"""The training runner: snapshot in S3 → entry point → registered model version in MLflow.
 
 ``python -m flywheel_vision.train`` runs it in one process; ``torchrun --nproc_per_node=N -m
-flywheel_vision.train`` runs the same code as N DDP ranks, of which only rank 0 talks to MLflow,
-so one job is always one MLflow run and one model version. ``train`` holds the logic so tests
-and other Python callers run it in-process; ``main`` only parses arguments around it.
+flywheel_vision.train`` runs it as N ranks. Every rank prepares (local rank 0) or waits for the
+work folder, then calls the model line's entry point (``--entry-point``: the reference DigitNet
+training unless told otherwise; see ``flywheel_vision.contract``). Only rank 0 talks to MLflow,
+so one job is always one MLflow run and one model version: it creates the run before the entry
+point starts, and afterwards checks what the entry point left, logs it, registers the version
+and writes the result file. ``train`` holds the logic so tests and other Python callers run it
+in-process; ``main`` only parses arguments around it.
 
 The job reads only the TRAIN and VALIDATION labels of the snapshot (TEST belongs to the
-validator), starts from the registered champion's weights when there is one, and records
-everything needed to reproduce or audit the version: snapshot, base version, git sha, seeds,
-library versions and hardware.
+validator), hands the entry point the registered champion's files when there is one, and
+records everything needed to reproduce or audit the version: snapshot, base version, entry
+point, hyperparameters, git sha, library versions and hardware.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform as host_platform
@@ -25,54 +28,53 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-import numpy.typing as npt
 import structlog
 import torch
 from mlflow import MlflowClient
-from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from flywheel_contracts.datasets import ManifestEntry, Split
-from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.errors import InvalidInputError
 from flywheel_runtime.logs import configure_logging
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.storage import DATA_BUCKET, ObjectStorage
-from flywheel_vision import ddp
+from flywheel_vision.contract import (
+    SIGNATURE_FILE,
+    BaseModelFiles,
+    DistributedEnv,
+    TrainingContext,
+)
+from flywheel_vision.entrypoints import DEFAULT_ENTRY_POINT, EntryPoint, EntryPointError
 from flywheel_vision.export import (
     CONFIG_FILE,
     LABELS_FILE,
     ONNX_FILE,
     STATE_DICT_FILE,
-    check_parity,
-    export_onnx,
     labels_json,
-    read_labels,
     triton_config,
 )
-from flywheel_vision.model import DigitNet, load_compatible
-from flywheel_vision.preprocess import PREPROCESS_VERSION, preprocess
+from flywheel_vision.outputs import ModelOutputs, read_outputs, smoke_test
+from flywheel_vision.preprocess import PREPROCESS_VERSION
+from flywheel_vision.workdir import (
+    PreparedWork,
+    WorkFolder,
+    download_base,
+    fetch_snapshot,
+    training_entries,
+)
 
 __all__ = [
     "ARTIFACT_PATH",
-    "LabeledImages",
-    "SnapshotData",
     "TrainConfig",
     "TrainResult",
     "config_from_args",
-    "load_snapshot",
     "main",
     "read_label_ids",
     "resolve_version",
@@ -91,9 +93,6 @@ TRITON_PREFERRED_BATCHES: Final = (8, 16, 32)
 TRITON_QUEUE_DELAY_US: Final = 2_000
 """Serving defaults written into ``config.pbtxt``; rollout may rewrite them per deployment."""
 
-_FETCH_CONCURRENCY: Final = 8
-_PARITY_IMAGES: Final = 32
-
 _LIBRARIES: Final = (
     "torch",
     "onnx",
@@ -108,7 +107,7 @@ log = structlog.get_logger(__name__)
 
 
 class TrainConfig(BaseModel):
-    """What to train, from which data, on top of which base, and how."""
+    """What to train, from which data, on top of which base, with which entry point."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -116,8 +115,12 @@ class TrainConfig(BaseModel):
     snapshot_id: str
     model_name: str
     """Registered model (one per model line) the new version is added to."""
+    model_line: str | None = None
+    """The model line, recorded as a tag (it names the registered model by default)."""
     experiment_name: str | None = None
     """MLflow experiment of the run; defaults to ``model_name``."""
+    entry_point: str = DEFAULT_ENTRY_POINT
+    """``package.module:function`` or a script path (``flywheel_vision.contract``)."""
     base_alias: str | None = "champion"
     """Alias of the version to start from; nothing there means training from scratch."""
     base_version: str | None = None
@@ -126,6 +129,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     seed: int = 0
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    """Further hyperparameters for the entry point, over ``epochs``, ``batch_size``, ``lr``
+    and ``seed`` (which it receives too)."""
     correlation_id: str | None = None
     training_run_id: str | None = None
     """The dispatcher's id of this training run (one per ``threshold.reached``)."""
@@ -134,6 +140,21 @@ class TrainConfig(BaseModel):
     data_bucket: str = DATA_BUCKET
     excluded_label_ids: frozenset[uuid.UUID] = frozenset()
     """Labels that must not enter training (quarantined batches); dropped before loading."""
+    register_version: bool = True
+    """False: an experiment; the run is logged with its model files but no version is made
+    (``flywheel models register <run id>`` makes one later)."""
+    work_dir: Path | None = None
+    """Work folder to use and keep; default: a temporary one, removed at the end."""
+
+    def all_hyperparameters(self) -> dict[str, JsonValue]:
+        """What the entry point receives: the common four, then the line's own."""
+        common: dict[str, JsonValue] = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "seed": self.seed,
+        }
+        return common | self.hyperparameters
 
 
 class TrainResult(BaseModel):
@@ -144,7 +165,8 @@ class TrainResult(BaseModel):
     run_id: str
     experiment_id: str
     model_name: str
-    version: str
+    version: str | None
+    """None for an experiment (``register_version=False``)."""
     artifact_uri: str
     """``<run artifact uri>/model``: the version's source."""
     project_id: str
@@ -155,80 +177,6 @@ class TrainResult(BaseModel):
     world_size: int
     correlation_id: str | None
     training_run_id: str | None
-
-
-@dataclass(frozen=True)
-class LabeledImages:
-    """Preprocessed images ``float32 [N, 1, 28, 28]`` with class indices ``int64 [N]``."""
-
-    images: npt.NDArray[np.float32]
-    labels: npt.NDArray[np.int64]
-
-    def dataset(self) -> TensorDataset:
-        return TensorDataset(torch.from_numpy(self.images), torch.from_numpy(self.labels))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class SnapshotData:
-    """The TRAIN and VALIDATION labels of a snapshot, ready for the model."""
-
-    classes: tuple[str, ...]
-    """Sorted class names; index ``i`` is output ``i`` of the model."""
-    train: LabeledImages
-    validation: LabeledImages
-
-
-def training_entries(
-    entries: Iterable[ManifestEntry], excluded_label_ids: Collection[uuid.UUID] = ()
-) -> list[ManifestEntry]:
-    """The TRAIN and VALIDATION entries of a manifest, less the excluded labels."""
-    excluded = frozenset(excluded_label_ids)
-    return [
-        e
-        for e in entries
-        if e.split in (Split.TRAIN, Split.VALIDATION) and e.label_id not in excluded
-    ]
-
-
-async def load_snapshot(
-    storage: ObjectStorage,
-    project_id: str,
-    snapshot_id: str,
-    *,
-    bucket: str = DATA_BUCKET,
-    concurrency: int = _FETCH_CONCURRENCY,
-    excluded_label_ids: Collection[uuid.UUID] = (),
-) -> SnapshotData:
-    """Resolve a snapshot and fetch and preprocess its TRAIN and VALIDATION images.
-
-    Labels in ``excluded_label_ids`` are left out before anything is fetched. Classes are the
-    sorted names seen in the remaining entries, so the same snapshot and exclusions always
-    yield the same output order, whichever process or rank loads it.
-    """
-    manifest = await SnapshotStore(storage, bucket=bucket).resolve(project_id, snapshot_id)
-    entries = training_entries(manifest.entries, excluded_label_ids)
-    classes = tuple(sorted({e.class_name for e in entries}))
-    index = {name: i for i, name in enumerate(classes)}
-    gate = asyncio.Semaphore(concurrency)
-
-    async def fetch(entry: ManifestEntry) -> bytes:
-        async with gate:
-            return await storage.get(bucket, entry.image_key)
-
-    blobs = await asyncio.gather(*(fetch(e) for e in entries))
-
-    def collect(split: Split) -> LabeledImages:
-        chosen = [(blob, e) for blob, e in zip(blobs, entries, strict=True) if e.split is split]
-        images = np.zeros((len(chosen), 1, 28, 28), dtype=np.float32)
-        for row, (blob, _) in enumerate(chosen):
-            images[row] = preprocess(blob)
-        labels = np.asarray([index[e.class_name] for _, e in chosen], dtype=np.int64)
-        return LabeledImages(images, labels)
-
-    return SnapshotData(classes, collect(Split.TRAIN), collect(Split.VALIDATION))
 
 
 def _git_sha() -> str:
@@ -264,24 +212,17 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _hardware(dist: ddp.Distributed) -> dict[str, str]:
+def _hardware(dist: DistributedEnv) -> dict[str, str]:
     cuda = torch.cuda.is_available()
     return {
         "hardware.cpu_count": str(os.cpu_count() or 0),
         "hardware.torch_threads": str(torch.get_num_threads()),
         "hardware.cuda_available": str(cuda).lower(),
-        "hardware.gpu": torch.cuda.get_device_name(dist.device) if cuda else "none",
-        "hardware.device": str(dist.device),
+        "hardware.gpu": torch.cuda.get_device_name(dist.local_rank) if cuda else "none",
+        "hardware.device": f"cuda:{dist.local_rank}" if cuda else "cpu",
         "distributed.world_size": str(dist.world_size),
-        "distributed.backend": dist.backend or "none",
+        "distributed.backend": ("nccl" if cuda else "gloo") if dist.world_size > 1 else "none",
     }
-
-
-@dataclass(frozen=True)
-class _Base:
-    version: str
-    state: dict[str, torch.Tensor]
-    classes: list[str]
 
 
 def resolve_version(
@@ -305,25 +246,6 @@ def resolve_version(
         if missing_model or missing_alias:
             return None
         raise
-
-
-def _load_base(client: MlflowClient, tracking_uri: str, config: TrainConfig) -> _Base | None:
-    version = resolve_version(
-        client, config.model_name, alias=config.base_alias, version=config.base_version
-    )
-    if version is None:
-        return None
-    # The resolved number, not the alias: the alias may move while we download. The URI is
-    # resolved through our client, since ``models:/`` downloads would consult the process's
-    # default registry (``MLFLOW_TRACKING_URI`` or a local ./mlflow.db), not ours.
-    source = client.get_model_version_download_uri(config.model_name, str(version.version))
-    with tempfile.TemporaryDirectory(prefix="flywheel-base-") as tmp:
-        local = Path(
-            download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
-        )
-        state = torch.load(local / STATE_DICT_FILE, map_location="cpu", weights_only=True)
-        classes = read_labels((local / LABELS_FILE).read_bytes())
-    return _Base(str(version.version), state, classes)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -350,121 +272,110 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def _run_epoch(
-    model: nn.Module,
-    loader: ddp.ShardedLoader,
-    optimizer: torch.optim.Optimizer,
-    dist: ddp.Distributed,
-) -> float:
-    """One pass over this rank's shard; the mean loss over every rank's samples."""
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    count = 0
-    for images, labels in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images), labels)
-        torch.autograd.backward(loss)
-        optimizer.step()
-        loss_sum += loss.detach().double() * len(labels)
-        count += len(labels)
-    total = dist.all_reduce_sum(count)
-    return dist.all_reduce_sum(loss_sum) / total if total else float("nan")
-
-
-def _accuracy(model: nn.Module, dataset: Dataset[Any], dist: ddp.Distributed) -> float | None:
-    """Accuracy over the whole set, each rank scoring its own shard; None for an empty set."""
-    plain = ddp.unwrap(model)
-    plain.eval()
-    correct = 0
-    seen = 0
-    with torch.inference_mode():
-        for images, labels in DataLoader(dist.shard(dataset), batch_size=256):
-            predictions = plain(images.to(dist.device)).argmax(dim=1).cpu()
-            correct += int((predictions == labels).sum())
-            seen += len(labels)
-    total = dist.all_reduce_sum(seen)
-    return dist.all_reduce_sum(correct) / total if total else None
-
-
-def _write_artifacts(
-    directory: Path,
-    model: nn.Module,
-    classes: Sequence[str],
-    config: TrainConfig,
-    sample: torch.Tensor,
-) -> dict[str, float]:
-    plain = ddp.unwrap(model)
-    onnx_bytes = export_onnx(plain)
-    parity = check_parity(plain, onnx_bytes, sample)
-    (directory / ONNX_FILE).write_bytes(onnx_bytes)
-    (directory / LABELS_FILE).write_bytes(labels_json(classes))
-    (directory / CONFIG_FILE).write_text(
-        triton_config(
-            config.model_name,
-            num_classes=len(classes),
-            max_batch_size=TRITON_MAX_BATCH,
-            preferred_batch_sizes=TRITON_PREFERRED_BATCHES,
-            max_queue_delay_microseconds=TRITON_QUEUE_DELAY_US,
-        )
-    )
-    buffer = io.BytesIO()
-    torch.save({key: value.cpu() for key, value in plain.state_dict().items()}, buffer)
-    (directory / STATE_DICT_FILE).write_bytes(buffer.getvalue())
-    return {"parity_max_abs_diff": parity, "model_size_bytes": float(len(onnx_bytes))}
+def _client(platform: PlatformSettings) -> MlflowClient:
+    return MlflowClient(tracking_uri=platform.mlflow_uri, registry_uri=platform.mlflow_uri)
 
 
 def train(
     config: TrainConfig,
     *,
     platform: PlatformSettings | None = None,
-    dist: ddp.Distributed | None = None,
-    data: SnapshotData | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> TrainResult | None:
-    """Train one model version; the result on rank 0, None on the other ranks.
+    """Run one training job; the result on rank 0, None on the other ranks.
 
-    ``platform`` says where S3 and MLflow are (default: ``FLYWHEEL_*`` env). ``dist`` is the
-    caller's DDP context (default: ``ddp.init()``, closed again here). ``data`` skips loading
-    the snapshot from S3, for callers that already hold it. Blocking: run it in a worker
-    thread or process from async code.
+    ``platform`` says where S3 and MLflow are (default: ``FLYWHEEL_*`` env); ``env`` is the
+    process environment the distributed place is read from (default: ``os.environ``).
+    Blocking: run it in a worker thread or process from async code.
     """
     platform = platform or PlatformSettings()
-    own_dist = dist is None
-    dist = dist or ddp.init()
+    env = os.environ if env is None else env
+    dist = DistributedEnv.from_env(env)
+    entry = EntryPoint.parse(config.entry_point).resolved()
+    work = WorkFolder.for_run(config.training_run_id or "run", dist, given=config.work_dir, env=env)
     bound = log.bind(
         rank=dist.rank,
         correlation_id=config.correlation_id,
         training_run_id=config.training_run_id,
         snapshot_id=config.snapshot_id,
+        entry_point=str(entry),
     )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     try:
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        ddp.seed_everything(config.seed)
-        if data is None:
-            data = asyncio.run(_load(platform, config))
-        if not len(data.train):
+        prepared = _prepare(config, platform, work) if work.preparer else work.wait()
+        if not prepared.train:
             raise InvalidInputError(
                 "the snapshot has no training images", details={"snapshot_id": config.snapshot_id}
             )
         bound.info(
             "snapshot loaded",
-            classes=len(data.classes),
-            train_images=len(data.train),
-            validation_images=len(data.validation),
+            classes=len(prepared.classes),
+            train_images=len(prepared.train),
+            validation_images=len(prepared.validation),
+            base_version=prepared.base.version if prepared.base else None,
         )
-        return _train(config, platform, dist, data, bound)
+        context = TrainingContext(
+            project_id=config.project_id,
+            snapshot_id=config.snapshot_id,
+            model_name=config.model_name,
+            training_run_id=config.training_run_id,
+            correlation_id=config.correlation_id,
+            work_dir=work.path,
+            output_dir=work.output,
+            classes=prepared.classes,
+            train=prepared.train,
+            validation=prepared.validation,
+            base=prepared.base,
+            hyperparameters=config.all_hyperparameters(),
+            distributed=dist,
+            threads=config.threads,
+        )
+        context_file = work.context_file()
+        context_file.write_text(context.model_dump_json())
+        if dist.rank != 0:
+            entry.run(context, context_file)
+            return None
+        return _train_and_publish(config, platform, entry, context, context_file, bound)
     finally:
-        if own_dist:
-            dist.close()
+        work.done()
 
 
-async def _load(platform: PlatformSettings, config: TrainConfig) -> SnapshotData:
+def _prepare(config: TrainConfig, platform: PlatformSettings, work: WorkFolder) -> PreparedWork:
+    """Local rank 0: fetch the snapshot and the base version into the work folder."""
+    work.reset()
+    classes, train_samples, validation = asyncio.run(_fetch(config, platform, work.images))
+    base: BaseModelFiles | None = None
+    client = _client(platform)
+    found = resolve_version(
+        client, config.model_name, alias=config.base_alias, version=config.base_version
+    )
+    if found is not None:
+        # The resolved number, not the alias: the alias may move while we download. The URI
+        # is resolved through our client, since ``models:/`` downloads would consult the
+        # process's default registry (``MLFLOW_TRACKING_URI`` or a local ./mlflow.db).
+        base = download_base(
+            client, platform.mlflow_uri, config.model_name, str(found.version), work.base
+        )
+    prepared = PreparedWork(
+        launcher=work.launcher,
+        classes=classes,
+        train=train_samples,
+        validation=validation,
+        base=base,
+    )
+    work.publish(prepared)
+    return prepared
+
+
+async def _fetch(config: TrainConfig, platform: PlatformSettings, images: Path) -> Any:
     storage = ObjectStorage.from_settings(platform)
     try:
-        return await load_snapshot(
+        return await fetch_snapshot(
             storage,
             config.project_id,
             config.snapshot_id,
+            images,
             bucket=config.data_bucket,
             excluded_label_ids=config.excluded_label_ids,
         )
@@ -472,72 +383,53 @@ async def _load(platform: PlatformSettings, config: TrainConfig) -> SnapshotData
         storage.close()
 
 
-def _train(
+def _train_and_publish(
     config: TrainConfig,
     platform: PlatformSettings,
-    dist: ddp.Distributed,
-    data: SnapshotData,
+    entry: EntryPoint,
+    context: TrainingContext,
+    context_file: Path,
     bound: Any,
-) -> TrainResult | None:
-    classes = list(data.classes)
-    model: nn.Module = DigitNet(len(classes))
-    client: MlflowClient | None = None
-    base: _Base | None = None
-    run_id = experiment_id = ""
-    if dist.is_main:
-        # Only rank 0 reads the base: DDP copies rank 0's weights to every rank on wrapping.
-        client = MlflowClient(tracking_uri=platform.mlflow_uri, registry_uri=platform.mlflow_uri)
-        base = _load_base(client, platform.mlflow_uri, config)
-        if base is not None:
-            load_compatible(model, base.state, with_head=base.classes == classes)
-            bound.info("starting from base", base_version=base.version)
-        experiment_id = _experiment_id(client, config.experiment_name or config.model_name)
-        run = client.create_run(
-            experiment_id, run_name=config.training_run_id, tags=_run_tags(config, dist, base)
-        )
-        run_id = run.info.run_id
-        _log_params(client, run_id, config, data, dist, base)
+) -> TrainResult:
+    """Rank 0: the MLflow run around the entry point, then the checked outputs into it."""
+    client = _client(platform)
+    experiment_id = _experiment_id(client, config.experiment_name or config.model_name)
+    run = client.create_run(
+        experiment_id,
+        run_name=config.training_run_id,
+        tags=_run_tags(config, entry, context),
+    )
+    run_id = run.info.run_id
     try:
-        model, loader = dist.prepare(
-            model, data.train.dataset(), batch_size=config.batch_size, seed=config.seed
-        )
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        validation = data.validation.dataset()
-        metrics: dict[str, float] = {}
+        params = _params(config, entry, context)
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         started = time.perf_counter()
-        for epoch in range(config.epochs):
-            metrics["train_loss"] = _run_epoch(model, loader, optimizer, dist)
-            accuracy = _accuracy(model, validation, dist)
-            if accuracy is not None:
-                metrics["val_accuracy"] = accuracy
-            if client is not None:
-                _log_metrics(client, run_id, metrics, step=epoch)
-            bound.info("epoch done", epoch=epoch, **metrics)
-        metrics["train_seconds"] = time.perf_counter() - started
-        if client is None:
-            dist.barrier()
-            return None
-        result = _publish(client, config, run_id, experiment_id, model, data, dist, base, metrics)
+        entry.run(context, context_file)
+        seconds = time.perf_counter() - started
+        outputs = read_outputs(context.output_dir, context.classes)
+        smoke_test(outputs, [s.path for s in (context.validation or context.train)])
+        result = _publish(client, config, run_id, experiment_id, context, outputs, params, seconds)
     except BaseException:
-        if client is not None and run_id:
-            client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    # Ranks other than 0 wait here, so the job ends when the version exists.
-    dist.barrier()
     bound.info("model registered", run_id=result.run_id, version=result.version)
     return result
 
 
-def _log_metrics(
-    client: MlflowClient, run_id: str, metrics: dict[str, float], *, step: int
-) -> None:
+def _log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Sequence[float]]) -> None:
+    """Each metric's values at steps 0, 1, …; MLflow takes at most 1 000 per batch."""
     now = int(time.time() * 1000)
-    client.log_batch(
-        run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()]
-    )
+    entries = [
+        Metric(key, value, now, step)
+        for key, values in metrics.items()
+        for step, value in enumerate(values)
+    ]
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start : start + 1000])
 
 
-def _run_tags(config: TrainConfig, dist: ddp.Distributed, base: _Base | None) -> dict[str, str]:
+def _run_tags(config: TrainConfig, entry: EntryPoint, context: TrainingContext) -> dict[str, str]:
+    base = context.base
     tags = {
         "project_id": config.project_id,
         "snapshot_id": config.snapshot_id,
@@ -545,40 +437,59 @@ def _run_tags(config: TrainConfig, dist: ddp.Distributed, base: _Base | None) ->
         "git_sha": _git_sha(),
         "correlation_id": config.correlation_id or "",
         "training_run_id": config.training_run_id or "",
+        "entry_point": str(entry),
         "preprocess_version": PREPROCESS_VERSION,
         "mlflow.source.name": "flywheel_vision.train",
         "mlflow.source.type": "JOB",
     }
-    return tags | _library_versions() | _hardware(dist)
+    if config.model_line:
+        tags["model_line"] = config.model_line
+    return tags | _library_versions() | _hardware(context.distributed)
 
 
-def _log_params(
-    client: MlflowClient,
-    run_id: str,
-    config: TrainConfig,
-    data: SnapshotData,
-    dist: ddp.Distributed,
-    base: _Base | None,
-) -> None:
-    params = {
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "global_batch_size": config.batch_size * dist.world_size,
-        "lr": config.lr,
-        "seed": config.seed,
-        "optimizer": "Adam",
-        "architecture": DigitNet.__name__,
-        "num_classes": len(data.classes),
-        "train_images": len(data.train),
-        "validation_images": len(data.validation),
+def _params(config: TrainConfig, entry: EntryPoint, context: TrainingContext) -> dict[str, str]:
+    base = context.base
+    params: dict[str, Any] = {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in context.hyperparameters.items()
+    }
+    params |= {
+        "entry_point": str(entry),
+        "num_classes": len(context.classes),
+        "train_images": len(context.train),
+        "validation_images": len(context.validation),
         "excluded_labels": len(config.excluded_label_ids),
-        "world_size": dist.world_size,
+        "world_size": context.distributed.world_size,
         "base_alias": config.base_alias or "",
         "base_version": base.version if base else NO_BASE,
-        "base_head_reused": bool(base and base.classes == list(data.classes)),
         "snapshot_id": config.snapshot_id,
     }
-    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return {key: str(value)[:6000] for key, value in params.items()}
+
+
+def _model_files(
+    config: TrainConfig, context: TrainingContext, outputs: ModelOutputs
+) -> dict[str, bytes]:
+    """What the version ships with: the entry point's files and the platform's labels."""
+    files = {
+        ONNX_FILE: outputs.onnx,
+        SIGNATURE_FILE: outputs.signature.model_dump_json(indent=2).encode(),
+        LABELS_FILE: labels_json(context.classes),
+        CONFIG_FILE: (
+            outputs.config_pbtxt
+            or triton_config(
+                config.model_name,
+                num_classes=len(context.classes),
+                max_batch_size=TRITON_MAX_BATCH,
+                preferred_batch_sizes=TRITON_PREFERRED_BATCHES,
+                max_queue_delay_microseconds=TRITON_QUEUE_DELAY_US,
+                input_dims=outputs.signature.preprocessing.input_shape,
+            )
+        ).encode(),
+    }
+    if outputs.state_dict is not None:
+        files[STATE_DICT_FILE] = outputs.state_dict
+    return files
 
 
 def _publish(
@@ -586,55 +497,61 @@ def _publish(
     config: TrainConfig,
     run_id: str,
     experiment_id: str,
-    model: nn.Module,
-    data: SnapshotData,
-    dist: ddp.Distributed,
-    base: _Base | None,
-    metrics: dict[str, float],
+    context: TrainingContext,
+    outputs: ModelOutputs,
+    logged_params: Mapping[str, str],
+    seconds: float,
 ) -> TrainResult:
-    """Export, check, log the artifacts, register the version (rank 0 only)."""
-    held_out = data.validation if len(data.validation) else data.train
-    sample = torch.from_numpy(held_out.images[:_PARITY_IMAGES])
+    """Log the checked outputs and register the version (rank 0 only)."""
+    extra = {k: v for k, v in outputs.params.items() if k not in logged_params}
+    if extra:
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in extra.items()])
+    if outputs.signature.architecture:
+        client.set_tag(run_id, "architecture", outputs.signature.architecture)
+    metrics = dict(outputs.metrics)
+    metrics["train_seconds"] = [seconds]
+    metrics["model_size_bytes"] = [float(len(outputs.onnx))]
+    _log_metrics(client, run_id, metrics)
     with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
-        metrics |= _write_artifacts(Path(tmp), model, data.classes, config, sample)
+        for name, data in _model_files(config, context, outputs).items():
+            (Path(tmp) / name).write_bytes(data)
         client.log_artifacts(run_id, tmp, artifact_path=ARTIFACT_PATH)
-    _log_metrics(
-        client,
-        run_id,
-        {k: metrics[k] for k in ("train_seconds", "parity_max_abs_diff", "model_size_bytes")},
-        step=0,
-    )
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+    base = context.base
     base_version = base.version if base else NO_BASE
-    _ensure_registered_model(client, config.model_name)
-    version = client.create_model_version(
-        config.model_name,
-        source,
-        run_id=run_id,
-        tags={
-            "project_id": config.project_id,
-            "snapshot_id": config.snapshot_id,
-            "base_version": base_version,
-            "correlation_id": config.correlation_id or "",
-            "training_run_id": config.training_run_id or "",
-            "git_sha": run.data.tags.get("git_sha", "unknown"),
-        },
-        description=f"Trained on snapshot {config.snapshot_id} from base {base_version}.",
-    )
+    version: str | None = None
+    if config.register_version:
+        _ensure_registered_model(client, config.model_name)
+        registered = client.create_model_version(
+            config.model_name,
+            source,
+            run_id=run_id,
+            tags={
+                "project_id": config.project_id,
+                "snapshot_id": config.snapshot_id,
+                "base_version": base_version,
+                "correlation_id": config.correlation_id or "",
+                "training_run_id": config.training_run_id or "",
+                "git_sha": run.data.tags.get("git_sha", "unknown"),
+                "entry_point": run.data.tags.get("entry_point", ""),
+            },
+            description=f"Trained on snapshot {config.snapshot_id} from base {base_version}.",
+        )
+        version = str(registered.version)
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(
         run_id=run_id,
         experiment_id=experiment_id,
         model_name=config.model_name,
-        version=str(version.version),
+        version=version,
         artifact_uri=source,
         project_id=config.project_id,
         snapshot_id=config.snapshot_id,
         base_version=base.version if base else None,
-        classes=list(data.classes),
-        metrics=metrics,
-        world_size=dist.world_size,
+        classes=list(context.classes),
+        metrics={name: values[-1] for name, values in metrics.items()},
+        world_size=context.distributed.world_size,
         correlation_id=config.correlation_id,
         training_run_id=config.training_run_id,
     )
@@ -644,7 +561,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flywheel_vision.train",
         description=(
-            "Train a model version from a dataset snapshot and register it in MLflow. "
+            "Train a model version from a dataset snapshot with a model line's entry point and "
+            "register it in MLflow. "
             "S3 and MLflow default to FLYWHEEL_S3_* and FLYWHEEL_MLFLOW_URI; S3 credentials "
             "are read from the environment only, so they never show in a process list."
         ),
@@ -652,6 +570,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--project-id", required=True)
     parser.add_argument("--snapshot-id", required=True)
     parser.add_argument("--model-name", required=True, help="registered model of the line")
+    parser.add_argument("--model-line", default=None, help="model line (recorded as a tag)")
+    parser.add_argument(
+        "--entry-point",
+        default=DEFAULT_ENTRY_POINT,
+        help="package.module:function or a script path (default: the reference DigitNet)",
+    )
+    parser.add_argument(
+        "--hyperparameters",
+        type=_json_object,
+        default={},
+        help="JSON object of further hyperparameters for the entry point",
+    )
     parser.add_argument("--experiment", default=None, help="MLflow experiment (model name)")
     parser.add_argument("--base-alias", default="champion", help="alias to start from")
     parser.add_argument("--base-version", default=None, help="version to start from")
@@ -667,6 +597,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--s3-endpoint", default=None, help="host:port (FLYWHEEL_S3_ENDPOINT)")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI (FLYWHEEL_MLFLOW_URI)")
     parser.add_argument("--result-file", type=Path, default=None, help="JSON result (rank 0)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="work folder to use and keep")
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="an experiment: log the run and its model files, register no version",
+    )
     parser.add_argument(
         "--exclude-labels-file",
         type=Path,
@@ -674,6 +610,16 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON list of label ids to leave out (quarantined labels)",
     )
     return parser
+
+
+def _json_object(text: str) -> dict[str, JsonValue]:
+    try:
+        loaded = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from error
+    if not isinstance(loaded, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return loaded
 
 
 def read_label_ids(path: Path) -> frozenset[uuid.UUID]:
@@ -699,7 +645,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         project_id=args.project_id,
         snapshot_id=args.snapshot_id,
         model_name=args.model_name,
+        model_line=args.model_line,
         experiment_name=args.experiment,
+        entry_point=args.entry_point,
+        hyperparameters=args.hyperparameters,
         base_alias=None if args.no_base else args.base_alias,
         base_version=None if args.no_base else args.base_version,
         epochs=args.epochs,
@@ -713,6 +662,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         excluded_label_ids=(
             read_label_ids(args.exclude_labels_file) if args.exclude_labels_file else frozenset()
         ),
+        register_version=not args.no_register,
+        work_dir=args.work_dir,
     )
 
 
@@ -727,7 +678,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     platform = PlatformSettings().model_copy(update=overrides)
     configure_logging("trainer", level=platform.log_level, json=platform.log_json)
     config = config_from_args(args)
-    result = train(config, platform=platform)
+    try:
+        result = train(config, platform=platform)
+    except EntryPointError as error:
+        code = error.details.get("exit_code")
+        if isinstance(code, int) and code < 0:
+            # A script killed by a signal (the OOM killer, say): exit as a shell reports it,
+            # so the dispatcher sees a kill (retryable), not an error of the script's.
+            log.error("entry point killed", entry_point=config.entry_point, signal=-code)
+            return 128 - code
+        raise
     if result is not None and args.result_file is not None:
         args.result_file.parent.mkdir(parents=True, exist_ok=True)
         partial = args.result_file.with_name(args.result_file.name + ".partial")

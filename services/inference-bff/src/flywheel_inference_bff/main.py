@@ -29,7 +29,7 @@ from flywheel_inference_bff.api import routers
 from flywheel_inference_bff.handlers import register
 from flywheel_inference_bff.jobs import BatchJobs, JobSettings
 from flywheel_inference_bff.metrics import BffMetrics
-from flywheel_inference_bff.service import Labels, Limits, Predictor, Routing
+from flywheel_inference_bff.service import Limits, Predictor, Routing, ServedVersions
 from flywheel_inference_bff.settings import SERVICE, BffSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
 from flywheel_runtime.auth import CachingTokenVerifier, TokenVerifier
@@ -105,7 +105,7 @@ def create_app(settings: BffSettings | None = None) -> FastAPI:
     predictor = Predictor(
         routing,
         triton,
-        Labels(registry),
+        ServedVersions(registry),
         S3Images(storage, settings.data_bucket),
         cache,
         inference_log,

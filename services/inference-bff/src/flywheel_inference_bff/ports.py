@@ -33,7 +33,7 @@ class Inference(Protocol):
     async def infer(
         self, model: str, version: str, images: npt.NDArray[np.float32]
     ) -> npt.NDArray[np.float32]:
-        """Logits ``[N, C]`` for preprocessed images ``[N, 1, 28, 28]``.
+        """Logits ``[N, C]`` for preprocessed images ``[N, channels, height, width]``.
 
         ``ModelNotReadyError`` when the version is not loaded, ``InferenceTimeoutError`` past
         the timeout, ``InferenceUnavailableError`` when the server does not answer.
@@ -46,14 +46,17 @@ class Inference(Protocol):
 
 
 class Registry(Protocol):
-    """The model registry: the champion alias and each version's class names."""
+    """The model registry: the champion alias, each version's class names and declaration."""
 
     async def get_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
         """None when the alias (or the registered model) does not exist."""
         ...
 
-    async def download_labels(self, name: str, version: str) -> list[str]:
-        """Class names in output order; ``NotFoundError`` for a missing version or file."""
+    async def download_serving_files(
+        self, name: str, version: str
+    ) -> tuple[list[str], bytes | None]:
+        """Class names in output order and the ``model.json`` (None when the version has
+        none); ``NotFoundError`` for a missing version or class names."""
         ...
 
 

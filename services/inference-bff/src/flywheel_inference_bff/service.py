@@ -3,7 +3,9 @@
 ``Predictor`` is the one object every front calls (``/predict``, ``/predict/batch``, batch jobs,
 Label Studio): images in, ranked classes out, each prediction logged. It reads the image, picks
 the version (pinned, by routing key, or by the prediction's random bucket), checks the cache,
-runs the shared ``preprocess``, sends each version's images to Triton in chunks, applies softmax
+runs the shared ``preprocess`` with the preprocessing each version declared (its ``model.json``;
+the MNIST reference for versions without), sends each version's images to Triton in chunks,
+applies softmax
 and keeps the top k. An image the client got wrong fails alone (its ``ItemFailure`` names the
 field); serving trouble fails the call with a 503/504 and every affected image is logged as an
 error, marked ``serving_unavailable`` when Triton could not be reached at all.
@@ -64,8 +66,14 @@ from flywheel_inference_bff.routing import (
     route_from_verdict,
 )
 from flywheel_inference_bff.scoring import ClassScore, softmax, top_k
-from flywheel_runtime.errors import DependencyUnavailableError, FlywheelError, NotFoundError
-from flywheel_vision.preprocess import preprocess
+from flywheel_runtime.errors import (
+    DependencyUnavailableError,
+    FlywheelError,
+    InvalidInputError,
+    NotFoundError,
+)
+from flywheel_vision.contract import signature_or_reference
+from flywheel_vision.preprocess import PreprocessSpec, preprocess
 
 log = structlog.get_logger(__name__)
 
@@ -313,37 +321,58 @@ async def _best_effort(saving: Awaitable[None]) -> None:
 # --- prediction ---------------------------------------------------------------------------------
 
 
-class Labels:
-    """Class names per version, read once from the registry (a version never changes)."""
+@dataclass(frozen=True)
+class ServedVersion:
+    """What serving needs to know about one version besides its weights (Triton has those)."""
+
+    labels: list[str]
+    """Class names in output order."""
+    preprocessing: PreprocessSpec
+    """How its images are prepared, as its ``model.json`` declares."""
+
+
+class ServedVersions:
+    """Class names and preprocessing per version, read once from the registry (a version
+    never changes)."""
 
     def __init__(self, registry: Registry, max_entries: int = 256) -> None:
         self._registry = registry
         self._max_entries = max_entries
-        self._labels: dict[tuple[str, str], list[str]] = {}
+        self._versions: dict[tuple[str, str], ServedVersion] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
-    async def of(self, target: Target) -> list[str]:
+    async def of(self, target: Target) -> ServedVersion:
         key = (target.registered_model, target.version)
-        found = self._labels.get(key)
+        found = self._versions.get(key)
         if found is not None:
             return found
         async with self._locks.setdefault(key, asyncio.Lock()):
-            found = self._labels.get(key)
+            found = self._versions.get(key)
             if found is not None:
                 return found
+            details = {"model": target.registered_model, "version": target.version}
             try:
-                labels = await self._registry.download_labels(*key)
+                labels, model_json = await self._registry.download_serving_files(*key)
             except NotFoundError as error:
                 raise ModelUnusableError(
                     f"version {target.version} of {target.registered_model!r} has no class "
                     "names in the registry",
-                    details={"model": target.registered_model, "version": target.version},
+                    details=details,
                 ) from error
-            if len(self._labels) >= self._max_entries:
-                self._labels.pop(next(iter(self._labels)))
-            self._labels[key] = labels
+            try:
+                signature = signature_or_reference(model_json, len(labels))
+            except InvalidInputError as error:
+                raise ModelUnusableError(
+                    f"version {target.version} of {target.registered_model!r} declares no "
+                    f"usable preprocessing: {error.message}",
+                    details=details,
+                ) from error
+            served = ServedVersion(labels, signature.preprocessing)
+            if len(self._versions) >= self._max_entries:
+                self._versions.pop(next(iter(self._versions)))
+            self._versions[key] = served
             self._locks.pop(key, None)
-            return labels
+            return served
 
 
 class Predictor:
@@ -356,7 +385,7 @@ class Predictor:
         self,
         routing: Routing,
         inference: Inference,
-        labels: Labels,
+        versions: ServedVersions,
         images: Images,
         cache: PredictionCache | None,
         inference_log: InferenceLog,
@@ -367,7 +396,7 @@ class Predictor:
     ) -> None:
         self._routing = routing
         self._inference = inference
-        self._labels = labels
+        self._versions = versions
         self._images = images
         self._cache = cache
         self._log = inference_log
@@ -407,10 +436,11 @@ class Predictor:
                 item.sha256 = hashlib.sha256(item.data).hexdigest()
                 self._check(item, item.data)
         try:
-            labels = {t: await self._labels.of(t) for t in set(targets)}
+            served = {t: await self._versions.of(t) for t in set(targets)}
+            labels = {t: version.labels for t, version in served.items()}
             pending = [i for i in items if i.error is None]
             await self._from_cache(pending, labels)
-            await self._preprocess([i for i in pending if i.probabilities is None])
+            await self._preprocess([i for i in pending if i.probabilities is None], served)
             await self._infer([i for i in pending if i.error is None and not i.cached], labels)
         except FlywheelError as error:
             latency = _ms_since(started)
@@ -500,13 +530,13 @@ class Predictor:
                 item.probabilities = probabilities
                 item.cached = True
 
-    async def _preprocess(self, items: list[_Item]) -> None:
+    async def _preprocess(self, items: list[_Item], served: Mapping[Target, ServedVersion]) -> None:
         if not items:
             return
         if sum(len(i.data or b"") for i in items) <= INLINE_PREPROCESS_BYTES:
-            _preprocess_items(items)
+            _preprocess_items(items, served)
         else:
-            await asyncio.to_thread(_preprocess_items, items)
+            await asyncio.to_thread(_preprocess_items, items, served)
 
     async def _infer(self, items: list[_Item], labels: Mapping[Target, list[str]]) -> None:
         by_target: dict[Target, list[_Item]] = {}
@@ -621,12 +651,12 @@ class Predictor:
         self._log.offer(event)
 
 
-def _preprocess_items(items: list[_Item]) -> None:
+def _preprocess_items(items: list[_Item], served: Mapping[Target, ServedVersion]) -> None:
     for item in items:
         if item.data is None:
             continue
         try:
-            item.tensor = preprocess(item.data)
+            item.tensor = preprocess(item.data, served[item.target].preprocessing)
         except (FlywheelError, OSError, ValueError) as error:
             # The header was readable (checked before), the pixels are not: truncated, corrupt.
             item.error = InvalidImageError("image is truncated or corrupt", field=item.field)

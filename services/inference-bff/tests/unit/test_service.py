@@ -18,7 +18,8 @@ from flywheel_inference_bff.inputs import ImageBytes, StoredImage
 from flywheel_inference_bff.scoring import softmax
 from flywheel_inference_bff.service import ItemFailure, Prediction, PredictOptions, Target
 from flywheel_runtime.errors import DependencyUnavailableError
-from flywheel_vision.preprocess import preprocess
+from flywheel_vision.contract import ModelSignature, TensorSpec
+from flywheel_vision.preprocess import PreprocessSpec, preprocess
 
 from ..conftest import digit_image
 from ..fakes import MODEL, counter, settle, version_logits, world
@@ -295,3 +296,36 @@ async def test_with_no_champion_anywhere_the_candidate_serves_everything() -> No
     outcomes = await w.predictor.predict_many([png(i) for i in range(20)], OPTIONS)
 
     assert {o.model_version for o in outcomes if isinstance(o, Prediction)} == {"2"}
+
+
+async def test_each_version_is_prepared_the_way_its_model_json_declares() -> None:
+    w = world()
+    w.serve("1", champion=True)
+    w.serve("2")
+    rgb = PreprocessSpec(height=32, width=32, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    w.registry.model_json[(MODEL, "2")] = (
+        ModelSignature(
+            inputs=(TensorSpec(name="image", shape=(-1, 3, 32, 32)),),
+            outputs=(TensorSpec(name="logits", shape=(-1, 10)),),
+            preprocessing=rgb,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+    for version in ("1", "2"):
+        await w.predictor.predict_many(
+            [png(i) for i in range(3)],
+            PredictOptions(MODEL, 1, target=Target(MODEL, MODEL, version)),
+        )
+
+    assert w.inference.shapes == [("1", (3, 1, 28, 28)), ("2", (3, 3, 32, 32))]
+
+
+async def test_a_version_whose_model_json_is_broken_is_a_deployment_fault() -> None:
+    w = world()
+    w.serve("1", champion=True)
+    w.registry.model_json[(MODEL, "1")] = b'{"inputs": []}'
+
+    with pytest.raises(ModelUnusableError, match="declares no usable preprocessing"):
+        await w.predictor.predict(png(1), OPTIONS)

@@ -63,12 +63,16 @@ def training_options(settings: TrainerDispatchSettings, default_threads: int) ->
     return TrainingOptions(
         nproc_per_node=settings.nproc_per_node,
         threads_per_process=settings.threads_per_process or default_threads,
+        threads_configured=settings.threads_per_process is not None,
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         lr=settings.lr,
         seed=settings.seed,
         base_alias=settings.base_alias,
         data_bucket=settings.data_bucket,
+        entry_point=settings.entry_point,
+        hyperparameters=dict(settings.hyperparameters),
+        model_lines=dict(settings.model_lines),
     )
 
 

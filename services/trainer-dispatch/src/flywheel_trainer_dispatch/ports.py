@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from flywheel_contracts import Event
 from flywheel_trainer_dispatch.scheduler import Priority, Waiting
@@ -102,6 +102,12 @@ class TrainingRun(BaseModel):
     model_version: str | None = None
     base_model_version: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    entry_point: str | None = None
+    """The entry point an operator asked for; None: the model line's (settings)."""
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    """Hyperparameters an operator asked for, over the line's."""
+    nproc_per_node: int | None = None
+    """Processes per node an operator asked for; None: the line's."""
 
     def waiting(self) -> Waiting:
         if self.queue_position is None:
@@ -206,6 +212,12 @@ class RunSpec(BaseModel):
     excluded_label_ids: tuple[uuid.UUID, ...] = ()
     priority: Priority | None = None
     """How urgent the run is; a backend that places runs (Kubernetes) decides by it."""
+    entry_point: str | None = None
+    """The run's own entry point; None: its model line's."""
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    """The run's own hyperparameters, over its model line's."""
+    nproc_per_node: int | None = None
+    """The run's own processes per node; None: its model line's."""
 
 
 class RunHandle(BaseModel):

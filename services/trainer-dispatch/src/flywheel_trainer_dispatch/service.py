@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
+from pydantic import JsonValue
 
 from flywheel_contracts import (
     Event,
@@ -79,6 +80,12 @@ class RunRequest:
     requested_by: str | None = None
     request_id: uuid.UUID | None = None
     """Idempotency key: the same id asks for the same run."""
+    entry_point: str | None = None
+    """The entry point to run instead of the model line's."""
+    hyperparameters: Mapping[str, JsonValue] = field(default_factory=dict)
+    """Hyperparameters over the model line's."""
+    nproc_per_node: int | None = None
+    """Processes per node instead of the model line's."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,9 @@ class TrainerDispatch:
             requested_by=request.requested_by,
             priority=request.priority,
             backend=self._backend.name,
+            entry_point=request.entry_point,
+            hyperparameters=dict(request.hyperparameters),
+            nproc_per_node=request.nproc_per_node,
         )
         async with self._store.transaction() as tx:
             existing = await tx.run_by_trigger(trigger)
@@ -337,6 +347,9 @@ class TrainerDispatch:
             correlation_id=run.correlation_id,
             excluded_label_ids=tuple(run.excluded_label_ids),
             priority=run.priority,
+            entry_point=run.entry_point,
+            hyperparameters=run.hyperparameters,
+            nproc_per_node=run.nproc_per_node,
         )
         try:
             handle = await self._backend.launch(spec)

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from flywheel_clients.kubernetes import KubeConnection
@@ -15,6 +15,7 @@ from flywheel_runtime.settings import ServiceSettings
 from flywheel_runtime.storage import DATA_BUCKET
 from flywheel_trainer_dispatch.placement import Budget, Pool
 from flywheel_trainer_dispatch.scheduler import Priority
+from flywheel_vision.entrypoints import DEFAULT_ENTRY_POINT, EntryPoint, EntryPointError
 
 SERVICE = "trainer-dispatch"
 """Service name: queue prefix, idempotency consumer, telemetry resource."""
@@ -274,6 +275,34 @@ class KubernetesSettings(_Block):
         return self.clusters or [ClusterSettings(name="default", connection=self.connection)]
 
 
+def check_entry_point(spec: str | None) -> str | None:
+    """``spec`` when it names a callable or a script (``flywheel_vision.entrypoints``)."""
+    if spec is not None:
+        try:
+            EntryPoint.parse(spec)
+        except EntryPointError as error:
+            raise ValueError(error.message) from error
+    return spec
+
+
+class LineTraining(_Block):
+    """How one model line trains, over the service-wide ``entry_point`` and hyperparameters."""
+
+    entry_point: str | None = None
+    """The line's training entry point: ``package.module:function`` or a script path (as the
+    training processes see it: in the trainer image for the ``kubernetes`` backend; relative
+    paths are taken from this service's working directory by the ``local`` backend). Unset:
+    the service's ``entry_point``."""
+
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    """The line's hyperparameters, over the service's (a key set in both takes the line's)."""
+
+    nproc_per_node: int | None = Field(default=None, ge=1, le=64)
+    """Training processes per node of the line's runs; unset: the service's."""
+
+    _entry_point_parses = field_validator("entry_point")(check_entry_point)
+
+
 class TrainerDispatchSettings(ServiceSettings):
     """Every field reads ``FLYWHEEL_TRAINER_DISPATCH_<FIELD>`` (nested fields with ``__``)."""
 
@@ -346,6 +375,18 @@ class TrainerDispatchSettings(ServiceSettings):
     base_alias: str | None = "champion"
     """Registry alias of the version a run fine-tunes; unset trains every run from scratch."""
 
+    entry_point: str = DEFAULT_ENTRY_POINT
+    """Training entry point of model lines that name none: ``package.module:function`` or a
+    script path (see docs/bring-your-own-model.md). The default trains the reference DigitNet."""
+
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    """Hyperparameters every entry point receives, besides ``epochs``, ``batch_size``, ``lr``
+    and ``seed`` (a key here wins over those)."""
+
+    model_lines: dict[str, LineTraining] = Field(default_factory=dict)
+    """Per model line: its entry point, hyperparameters and processes per node
+    (``FLYWHEEL_TRAINER_DISPATCH_MODEL_LINES__<line>__ENTRY_POINT=pkg.mod:train``, or JSON)."""
+
     timeout_s: float = Field(default=3600.0, gt=0)
     """Longest a run may take from its start; then its processes are killed and it fails."""
 
@@ -360,6 +401,8 @@ class TrainerDispatchSettings(ServiceSettings):
 
     log_tail_lines: int = Field(default=40, ge=1, le=1000)
     """Last lines of a run's log kept in its record (and in the API's run view)."""
+
+    _entry_point_parses = field_validator("entry_point")(check_entry_point)
 
     @field_validator("registered_model_name")
     @classmethod

@@ -836,3 +836,33 @@ async def test_kubernetes_runs_end_in_model_trained_or_training_failed(
         detail = (await client.get(f"/v1/runs/{good_run.run_id}")).json()
     assert detail["placement"]["decision"]["cluster"] == "default"
     assert detail["placement"]["inputs"]["priority"] == "threshold"
+
+
+async def test_an_operator_run_carries_its_own_entry_point_to_the_backend(
+    harness: Harness,
+) -> None:
+    body = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "snapshot_id": "snap-9",
+        "entry_point": "examples/train.py",
+        "hyperparameters": {"epochs": 1, "layers": [8, 8]},
+        "nproc_per_node": 2,
+    }
+
+    async with harness.client() as client:
+        queued = await client.post("/v1/runs", json=body)
+        bad = await client.post("/v1/runs", json=body | {"entry_point": " "})
+        await harness.dispatch.tick()
+        shown = (await client.get(f"/v1/runs/{queued.json()['run_id']}")).json()
+
+    assert queued.status_code == 202, queued.text
+    assert bad.status_code == 422
+    [spec] = harness.backend.launched
+    assert (spec.entry_point, spec.hyperparameters, spec.nproc_per_node) == (
+        "examples/train.py",
+        {"epochs": 1, "layers": [8, 8]},
+        2,
+    )
+    assert (shown["entry_point"], shown["nproc_per_node"]) == ("examples/train.py", 2)
+    assert shown["hyperparameters"] == {"epochs": 1, "layers": [8, 8]}

@@ -1,3 +1,4 @@
+import json
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from flywheel_trainer_dispatch.adapters.local import (
     training_env,
 )
 from flywheel_trainer_dispatch.ports import RunSpec
+from flywheel_trainer_dispatch.settings import LineTraining
 
 RUN_ID = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
 CORRELATION_ID = uuid.UUID("00000000-0000-4000-8000-0000000000cc")
@@ -135,3 +137,61 @@ def test_default_threads_share_the_cpus_between_processes() -> None:
     assert default_threads(1, cpus=8) == 8
     assert default_threads(2, cpus=8) == 4
     assert default_threads(4, cpus=2) == 1
+
+
+def test_the_line_s_entry_point_and_hyperparameters_reach_the_command(tmp_path: Path) -> None:
+    options = TrainingOptions(
+        hyperparameters={"dropout": 0.1, "width": 8},
+        model_lines={
+            "digits-classifier": LineTraining(
+                entry_point="examples/train.py", hyperparameters={"width": 16}, nproc_per_node=2
+            ),
+            "other": LineTraining(entry_point="other.pkg:train"),
+        },
+    )
+
+    command = build_command(SPEC, options, python="python3", result_file=RESULT, cwd=tmp_path)
+    in_image = build_command(SPEC, options, python="python3", result_file=RESULT)
+
+    arguments = _arguments(command)
+    assert arguments["--entry-point"] == str(tmp_path / "examples" / "train.py")
+    assert arguments["--model-line"] == "digits-classifier"
+    assert json.loads(arguments["--hyperparameters"]) == {"dropout": 0.1, "width": 16}
+    assert "--nproc_per_node=2" in command
+    assert _arguments(in_image)["--entry-point"] == "examples/train.py"
+
+
+def test_a_run_s_own_request_wins_over_its_line() -> None:
+    options = TrainingOptions(
+        nproc_per_node=1,
+        threads_per_process=4,
+        model_lines={"digits-classifier": LineTraining(entry_point="line.pkg:train")},
+    )
+    spec = SPEC.model_copy(
+        update={
+            "entry_point": "mine.pkg:train",
+            "hyperparameters": {"epochs": 1},
+            "nproc_per_node": 2,
+        }
+    )
+
+    resolved = options.for_run(spec)
+    command = build_command(spec, options, python="python3", result_file=RESULT)
+
+    assert (resolved.entry_point, resolved.nproc_per_node) == ("mine.pkg:train", 2)
+    assert resolved.threads_per_process == 2  # the same CPUs, shared by two processes
+    assert _arguments(command)["--entry-point"] == "mine.pkg:train"
+    assert json.loads(_arguments(command)["--hyperparameters"]) == {"epochs": 1}
+    assert (
+        TrainingOptions(threads_per_process=4, threads_configured=True)
+        .for_run(spec)
+        .threads_per_process
+        == 4
+    )
+
+
+def test_without_a_line_of_its_own_a_run_trains_the_reference() -> None:
+    command = build_command(SPEC, TrainingOptions(), python="python3", result_file=RESULT)
+
+    assert _arguments(command)["--entry-point"] == "flywheel_vision.reference:train"
+    assert "--hyperparameters" not in command

@@ -98,3 +98,28 @@ def test_cluster_names_must_be_unique() -> None:
 def test_a_mig_profile_must_look_like_one() -> None:
     with pytest.raises(ValidationError, match="mig_profile"):
         TrainerDispatchSettings.model_validate({"kubernetes": {"gpu": {"mig_profile": "big"}}})
+
+
+def test_a_model_line_names_its_entry_point_and_hyperparameters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "FLYWHEEL_TRAINER_DISPATCH_MODEL_LINES__shapes__ENTRY_POINT", "examples/train.py"
+    )
+    monkeypatch.setenv(
+        "FLYWHEEL_TRAINER_DISPATCH_MODEL_LINES__shapes__HYPERPARAMETERS", '{"epochs": 1}'
+    )
+    monkeypatch.setenv("FLYWHEEL_TRAINER_DISPATCH_HYPERPARAMETERS", '{"dropout": 0.2}')
+
+    settings = TrainerDispatchSettings()
+
+    assert settings.entry_point == "flywheel_vision.reference:train"
+    assert settings.hyperparameters == {"dropout": 0.2}
+    line = settings.model_lines["shapes"]
+    assert (line.entry_point, line.hyperparameters, line.nproc_per_node) == (
+        "examples/train.py",
+        {"epochs": 1},
+        None,
+    )
+    with pytest.raises(ValueError, match="entry point is empty"):
+        TrainerDispatchSettings(entry_point=" ")

@@ -115,6 +115,9 @@ class ParityCheck(BaseModel):
     images: int = 0
     error: str | None = None
     """Why the check could not run (no state dict, weights that do not fit the model …)."""
+    not_applicable: str | None = None
+    """Why parity does not apply: a model of its own architecture, whose training code the
+    validator cannot rerun (its training checked its own export). The gate passes, saying so."""
 
 
 class GateResult(BaseModel):
@@ -229,6 +232,12 @@ def _latency(p95_ms: float, budget_ms: float) -> GateResult:
 
 
 def _parity(parity: ParityCheck, tolerance: float) -> GateResult:
+    if parity.not_applicable is not None:
+        return GateResult(
+            gate="parity",
+            passed=True,
+            reason=f"export parity not applicable ({parity.not_applicable}): pass",
+        )
     if parity.max_abs_diff is None:
         cause = parity.error or "no images"
         return GateResult(

@@ -9,9 +9,11 @@ from flywheel_clients.registry import ModelFiles
 from flywheel_validator.adapters.onnx import OnnxEvaluator
 from flywheel_validator.errors import ModelUnusableError
 from flywheel_validator.ports import LabeledImage
+from flywheel_vision.contract import ModelSignature, TensorSpec
 from flywheel_vision.data import load_mnist, mnist_dataset, to_png
 from flywheel_vision.export import export_onnx
 from flywheel_vision.model import DigitNet
+from flywheel_vision.preprocess import PreprocessSpec
 
 CLASSES = [str(d) for d in range(10)]
 # A derangement: output j of the reordered model means class PERMUTATION[j].
@@ -174,3 +176,45 @@ async def test_parity_that_cannot_run_says_why(
     assert parity.max_abs_diff is None
     assert parity.error is not None
     assert parity.error.startswith(error)
+
+
+class _RgbLinear(nn.Module):
+    """Another architecture on another input: RGB 16 x 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 16 * 16, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.linear(image.flatten(1))
+        return logits
+
+
+async def test_a_model_of_its_own_is_scored_with_its_declared_preprocessing(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    signature = ModelSignature(
+        architecture="RgbLinear",
+        inputs=(TensorSpec(name="image", shape=(-1, 3, 16, 16)),),
+        outputs=(TensorSpec(name="logits", shape=(-1, 10)),),
+        preprocessing=PreprocessSpec(
+            height=16, width=16, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3
+        ),
+    )
+    files = ModelFiles(
+        name="digits",
+        version="2",
+        onnx=export_onnx(_RgbLinear(), input_shape=(3, 16, 16)),
+        labels=CLASSES,
+        model_json=signature.model_dump_json().encode(),
+    )
+
+    scored = await evaluator.score(files, trained.images)
+    parity = await evaluator.parity(files, trained.images)
+
+    assert scored.test_images == 300
+    assert parity.not_applicable == "RgbLinear is not the reference DigitNet"
+    assert parity.max_abs_diff is None
+    broken = files.model_copy(update={"model_json": b"{}"})
+    with pytest.raises(ModelUnusableError, match=r"model\.json"):
+        await evaluator.score(broken, trained.images)

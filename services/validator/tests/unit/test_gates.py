@@ -142,6 +142,17 @@ def test_parity_fails_above_the_tolerance_or_when_it_could_not_run() -> None:
     assert missing == (False, "export parity not checked (the version has no state dict): fail")
 
 
+def test_parity_passes_saying_why_when_it_does_not_apply() -> None:
+    own = ParityCheck(not_applicable="TinyConvNet is not the reference DigitNet")
+
+    gate = _by_gate(check_gates(GATES, _score(), None, own))["parity"]
+
+    assert gate == (
+        True,
+        "export parity not applicable (TinyConvNet is not the reference DigitNet): pass",
+    )
+
+
 @pytest.mark.parametrize(("size", "passed"), [(1_000_000, True), (1_000_001, False)])
 def test_model_size_is_limited(size: int, passed: bool) -> None:
     gates = _by_gate(check_gates(GATES, _score(size=size), None, PARITY))

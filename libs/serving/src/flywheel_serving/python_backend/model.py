@@ -68,7 +68,11 @@ class TritonPythonModel:
                 responses[index] = _error(f"input {self._input_name!r} is missing")
                 continue
             array = tensor.as_numpy()
-            if array.ndim != len(self._input_dims) + 1 or array.shape[1:] != self._input_dims:
+            if array.ndim != len(self._input_dims) + 1 or any(
+                # -1: a dimension the versions served together do not share.
+                want not in (-1, got)
+                for want, got in zip(self._input_dims, array.shape[1:], strict=True)
+            ):
                 responses[index] = _error(
                     f"input {self._input_name!r} has shape {list(array.shape)}, "
                     f"expected [N, {', '.join(str(d) for d in self._input_dims)}]"

@@ -208,8 +208,10 @@ def training_env(
 
 
 def commands(spec: RunSpec, target: PodTarget, options: TrainingOptions) -> list[str]:
-    """The training command of every pod of the run."""
-    single = replace(options, nproc_per_node=1)
+    """The training command of every pod of the run (processes per pod: the target's)."""
+    # The run's entry point and hyperparameters; its process count is the target's.
+    single = replace(options.for_run(spec), nproc_per_node=1, model_lines={})
+    spec = spec.model_copy(update={"nproc_per_node": None})
     excluded = EXCLUDED_DIR / EXCLUDED_KEY if spec.excluded_label_ids else None
     train = build_command(
         spec,

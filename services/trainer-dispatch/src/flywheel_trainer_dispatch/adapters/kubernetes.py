@@ -290,16 +290,18 @@ class KubernetesBackend:
         decision, record = await self._place(spec)
         cluster = self._clusters[decision.cluster]
         run_class = self._settings.placement.for_priority(spec.priority)
+        options = self._options.for_run(spec)
         target = self._target(
             cluster,
             cluster.flavor(decision.flavor),
             priority_class=run_class.priority_class or self._settings.priority_class,
+            nproc_per_node=options.nproc_per_node,
         )
         try:
             built = manifests.run_objects(
                 spec,
                 target,
-                self._options,
+                options,
                 self._platform,
                 placement={
                     "cluster": decision.cluster,
@@ -438,7 +440,12 @@ class KubernetesBackend:
         return options, transient
 
     def _target(
-        self, cluster: _Cluster, flavor: FlavorSettings, *, priority_class: str | None
+        self,
+        cluster: _Cluster,
+        flavor: FlavorSettings,
+        *,
+        priority_class: str | None,
+        nproc_per_node: int,
     ) -> manifests.PodTarget:
         settings = self._settings
         gpu = flavor.gpu or settings.gpu
@@ -452,7 +459,7 @@ class KubernetesBackend:
             queue_name=cluster.queue_name,
             priority_class=priority_class,
             workers=settings.workers,
-            nproc_per_node=self._options.nproc_per_node,
+            nproc_per_node=nproc_per_node,
             cpu=settings.cpu,
             memory=settings.memory,
             gpu_resource=resource,

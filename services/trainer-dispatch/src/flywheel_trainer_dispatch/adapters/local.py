@@ -1,8 +1,10 @@
-"""The ``local`` training backend: the training entry point as a subprocess on this machine.
+"""The ``local`` training backend: the training runner as a subprocess on this machine.
 
 A run is ``python -m flywheel_vision.train …``, or ``torchrun --standalone --nproc_per_node=N
 -m flywheel_vision.train …`` (started as ``python -m torch.distributed.run``, which is what the
-``torchrun`` script runs) when it uses more than one process. Each run gets a folder
+``torchrun`` script runs) when it uses more than one process. The runner calls the model
+line's entry point (``--entry-point``, chosen per run by ``TrainingOptions.for_run``). Each run
+gets a folder
 ``<runs_dir>/<run id>/`` holding its log (stdout and stderr of every process), its result file
 and the labels it must leave out.
 
@@ -27,9 +29,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from pydantic import ValidationError
@@ -43,6 +45,8 @@ from flywheel_trainer_dispatch.ports import (
     RunStatus,
     TrainingOutput,
 )
+from flywheel_trainer_dispatch.settings import LineTraining
+from flywheel_vision.entrypoints import DEFAULT_ENTRY_POINT, EntryPoint
 
 log = structlog.get_logger(__name__)
 
@@ -79,16 +83,41 @@ _STOP_POLL_S: Final = 0.05
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """How every run trains, from the service's settings."""
+    """How runs train, from the service's settings; ``for_run`` gives one run's."""
 
     nproc_per_node: int = 1
     threads_per_process: int = 1
+    threads_configured: bool = False
+    """The threads were set in the settings, not derived from the CPUs and processes."""
     epochs: int = 3
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
     base_alias: str | None = "champion"
     data_bucket: str = "flywheel-data"
+    entry_point: str = DEFAULT_ENTRY_POINT
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    model_lines: Mapping[str, LineTraining] = field(default_factory=dict)
+
+    def for_run(self, spec: RunSpec) -> TrainingOptions:
+        """One run's options: what the run asked for, over its line's, over the service's."""
+        line = self.model_lines.get(spec.model_line) or LineTraining()
+        nproc = spec.nproc_per_node or line.nproc_per_node or self.nproc_per_node
+        threads = self.threads_per_process
+        if nproc != self.nproc_per_node and not self.threads_configured:
+            # The same CPUs shared by another number of processes.
+            threads = max(1, self.threads_per_process * self.nproc_per_node // nproc)
+        return replace(
+            self,
+            nproc_per_node=nproc,
+            threads_per_process=threads,
+            entry_point=spec.entry_point or line.entry_point or self.entry_point,
+            hyperparameters={
+                **self.hyperparameters,
+                **line.hyperparameters,
+                **spec.hyperparameters,
+            },
+        )
 
 
 def default_threads(nproc_per_node: int, cpus: int | None = None) -> int:
@@ -103,8 +132,17 @@ def build_command(
     python: str,
     result_file: PurePath,
     excluded_file: PurePath | None = None,
+    cwd: Path | None = None,
 ) -> list[str]:
-    """The command line of one run; holds ids, paths and hyperparameters, never secrets."""
+    """The command line of one run; holds ids, paths and hyperparameters, never secrets.
+
+    With ``cwd``, a relative script path of the entry point is made absolute against it (a
+    local run starts in its own folder); without, it is passed as the settings spell it.
+    """
+    options = options.for_run(spec)
+    entry = EntryPoint.parse(options.entry_point)
+    if cwd is not None:
+        entry = entry.resolved(cwd)
     if options.nproc_per_node > 1:
         launcher = [
             python,
@@ -124,6 +162,10 @@ def build_command(
         spec.snapshot_id,
         "--model-name",
         spec.registered_model,
+        "--model-line",
+        spec.model_line,
+        "--entry-point",
+        str(entry),
         "--data-bucket",
         options.data_bucket,
         "--epochs",
@@ -143,6 +185,8 @@ def build_command(
         "--result-file",
         str(result_file),
     ]
+    if options.hyperparameters:
+        arguments += ["--hyperparameters", json.dumps(dict(options.hyperparameters))]
     if options.base_alias:
         arguments += ["--base-alias", options.base_alias]
     else:
@@ -291,12 +335,14 @@ class LocalBackend:
         if spec.excluded_label_ids:
             excluded_file = folder / EXCLUDED_FILE
             excluded_file.write_text(json.dumps([str(i) for i in spec.excluded_label_ids]))
+        options = self._options.for_run(spec)
         command = build_command(
             spec,
-            self._options,
+            options,
             python=self._python,
             result_file=result_file,
             excluded_file=excluded_file,
+            cwd=Path.cwd(),
         )
         log_file = folder / LOG_FILE
         with log_file.open("wb") as output:
@@ -308,7 +354,7 @@ class LocalBackend:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 cwd=folder,
-                env=training_env(self._platform, self._options, os.environ),
+                env=training_env(self._platform, options, os.environ),
                 start_new_session=True,
                 close_fds=True,
             )

@@ -197,7 +197,13 @@ def _values(run: TrainingRun) -> dict[str, Any]:
     for column in training_runs.c:
         if column.name in _READ_ONLY or column.name not in plain:
             continue
-        json_column = column.name in ("excluded_label_ids", "handle", "command", "metrics")
+        json_column = column.name in (
+            "excluded_label_ids",
+            "handle",
+            "command",
+            "metrics",
+            "hyperparameters",
+        )
         values[column.name] = (as_json if json_column else plain)[column.name]
     values["state"] = run.state.value
     values["priority"] = run.priority.value

@@ -64,6 +64,9 @@ training_runs = Table(
     Column("model_version", String(32)),
     Column("base_model_version", String(32)),
     Column("metrics", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("entry_point", Text),
+    Column("hyperparameters", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("nproc_per_node", Integer),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index(
         "training_runs_one_queued_per_line",

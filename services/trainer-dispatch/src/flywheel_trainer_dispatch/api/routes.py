@@ -53,7 +53,8 @@ async def request_run(
     principal: Operator,
     idempotency_key: IdempotencyKey = None,
 ) -> RunDetailOut:
-    """Queue a manual or scheduled run; it replaces the line's queued run, if any."""
+    """Queue a manual or scheduled run, optionally with its own entry point, hyperparameters
+    and processes per node; it replaces the line's queued run, if any."""
     run = await dispatch.request_run(
         RunRequest(
             project_id=body.project_id,
@@ -63,6 +64,9 @@ async def request_run(
             excluded_label_ids=tuple(body.excluded_label_ids),
             requested_by=principal.subject,
             request_id=idempotency_key,
+            entry_point=body.entry_point,
+            hyperparameters=body.hyperparameters,
+            nproc_per_node=body.nproc_per_node,
         )
     )
     return RunDetailOut.build(run)

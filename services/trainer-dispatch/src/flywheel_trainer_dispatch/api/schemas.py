@@ -6,11 +6,12 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from flywheel_contracts.events import SLUG
 from flywheel_trainer_dispatch.ports import RunState, Source, TrainingRun
 from flywheel_trainer_dispatch.scheduler import Priority
+from flywheel_trainer_dispatch.settings import check_entry_point
 
 
 class RunRequestIn(BaseModel):
@@ -25,6 +26,15 @@ class RunRequestIn(BaseModel):
     """``scheduled`` for runs a timer or pipeline asks for; both rank below event triggers."""
     excluded_label_ids: list[uuid.UUID] = Field(default_factory=list, max_length=100_000)
     """Labels training must leave out."""
+    entry_point: str | None = Field(default=None, max_length=1000)
+    """Entry point of this run instead of the model line's: ``package.module:function`` or a
+    script path where the training runs (see docs/bring-your-own-model.md)."""
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict, max_length=200)
+    """Hyperparameters of this run, over the model line's."""
+    nproc_per_node: int | None = Field(default=None, ge=1, le=64)
+    """Training processes per node of this run instead of the model line's."""
+
+    _entry_point_parses = field_validator("entry_point")(check_entry_point)
 
 
 class RunOut(BaseModel):
@@ -61,6 +71,10 @@ class RunOut(BaseModel):
     model_version: str | None
     base_model_version: str | None
     metrics: dict[str, float]
+    entry_point: str | None
+    """The entry point the operator asked for; None: the model line's (the command shows it)."""
+    hyperparameters: dict[str, JsonValue]
+    nproc_per_node: int | None
 
     @classmethod
     def build(cls, run: TrainingRun) -> RunOut:

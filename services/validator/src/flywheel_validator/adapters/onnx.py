@@ -1,8 +1,10 @@
 """``Evaluator`` on onnxruntime and PyTorch: models judged as serving will run them.
 
-Scoring goes through ``flywheel_vision.evaluate`` (the shared preprocessing, onnxruntime's CPU
-provider, single-image latency). The parity check loads the version's state dict into
-``DigitNet`` and compares its logits with the ONNX graph's on a few test images. Both are
+Scoring goes through ``flywheel_vision.evaluate`` (the shared preprocessing with the version's
+declared spec, onnxruntime's CPU provider, single-image latency). The parity check loads the
+version's state dict into ``DigitNet`` and compares its logits with the ONNX graph's on a few
+test images; a version of another architecture (its ``model.json`` says so) has nothing the
+validator could rerun, so parity does not apply to it. Both are
 CPU-bound and run in a worker thread, one model at a time, so latencies are not measured while
 another model competes for the same cores.
 """
@@ -21,14 +23,17 @@ import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from flywheel_clients.registry import ModelFiles
+from flywheel_runtime.errors import InvalidInputError
 from flywheel_validator.errors import ModelUnusableError
 from flywheel_validator.gates import ModelScore, ParityCheck
 from flywheel_validator.ports import LabeledImage
 from flywheel_validator.scoring import by_class_name, score
+from flywheel_vision.contract import ModelSignature, signature_or_reference
 from flywheel_vision.evaluate import evaluate
 from flywheel_vision.export import check_parity
 from flywheel_vision.model import DigitNet
 from flywheel_vision.preprocess import preprocess_batch
+from flywheel_vision.reference import ARCHITECTURE
 
 # What onnxruntime and the evaluation raise for a graph that does not load or does not fit:
 # its own exception classes derive from Exception directly.
@@ -78,6 +83,7 @@ class OnnxEvaluator:
             samples, unknown = by_class_name(images, files.labels)
         except ValueError as error:
             raise ModelUnusableError(_short(error)) from error
+        signature = _signature(files)
         with self._lock:
             try:
                 evaluation = evaluate(
@@ -86,12 +92,21 @@ class OnnxEvaluator:
                     classes=files.labels,
                     latency_images=self._latency_images,
                     threads=self._threads,
+                    preprocessing=signature.preprocessing,
                 )
             except _ONNX_ERRORS as error:
                 raise ModelUnusableError(_short(error)) from error
         return score(evaluation, unknown)
 
     def _parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
+        try:
+            signature = _signature(files)
+        except ModelUnusableError as error:
+            return ParityCheck(error=error.message)
+        if signature.architecture not in (None, ARCHITECTURE):
+            return ParityCheck(
+                not_applicable=f"{signature.architecture} is not the reference {ARCHITECTURE}"
+            )
         if files.state_dict is None:
             return ParityCheck(error="the version has no state dict")
         chosen = [image.data for image in images[: self._parity_images]]
@@ -114,6 +129,14 @@ class OnnxEvaluator:
             except _ONNX_ERRORS as error:
                 return ParityCheck(error=f"ONNX and PyTorch outputs differ: {_short(error)}")
         return ParityCheck(max_abs_diff=difference, images=len(chosen))
+
+
+def _signature(files: ModelFiles) -> ModelSignature:
+    """The version's declaration; the MNIST reference one for versions without."""
+    try:
+        return signature_or_reference(files.model_json, len(files.labels))
+    except InvalidInputError as error:
+        raise ModelUnusableError(error.message) from error
 
 
 def _short(error: BaseException) -> str:
