@@ -61,8 +61,15 @@ from flywheel_serving.repository import (
     render_config,
 )
 from flywheel_serving.triton import TritonControl
+from flywheel_vision.contract import signature_or_reference
 from flywheel_vision.export import LABELS_FILE, ONNX_FILE, labels_json
-from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME, preprocess
+from flywheel_vision.preprocess import (
+    INPUT_NAME,
+    MNIST_PREPROCESS,
+    OUTPUT_NAME,
+    PreprocessSpec,
+    preprocess,
+)
 
 __all__ = [
     "ARTIFACT_PATH",
@@ -90,6 +97,7 @@ __all__ = [
     "plot_png",
     "process_group_rss_mb",
     "search",
+    "serving_spec",
     "tune",
 ]
 
@@ -379,16 +387,17 @@ async def measure(
     requests_per_level: int,
     rounds: int = 3,
     keep_going: Callable[[Sequence[LoadPoint]], bool] | None = None,
+    spec: PreprocessSpec = MNIST_PREPROCESS,
 ) -> list[LoadPoint]:
     """Drive ``model_name``/``version`` (already loaded) with preprocessed ``images`` at each
     concurrency in turn and report each level.
 
-    ``images`` are encoded images (PNG, JPEG …), preprocessed once here with the serving
-    preprocessing, so the load measures Triton, not the decoding. Each level is
+    ``images`` are encoded images (PNG, JPEG …), preprocessed once here as ``spec`` says (the
+    version's declared preprocessing), so the load measures Triton, not the decoding. Each level is
     ``requests_per_level`` single-image requests in ``rounds`` rounds (figures are medians
     over rounds); ``keep_going`` sees the levels so far and may end the ramp early.
     """
-    tensors = _tensors(images)
+    tensors = _tensors(images, spec)
     target = _Target(model=model_name, version=version)
     await _warm_up(triton_url, [target], tensors, max(concurrencies))
     points: list[LoadPoint] = []
@@ -409,10 +418,17 @@ class _Target(BaseModel):
     version: str
 
 
-def _tensors(images: Sequence[bytes]) -> list[npt.NDArray[np.float32]]:
+def _tensors(
+    images: Sequence[bytes], spec: PreprocessSpec = MNIST_PREPROCESS
+) -> list[npt.NDArray[np.float32]]:
     if not images:
         raise InvalidInputError("profiling needs at least one image")
-    return [preprocess(image)[np.newaxis] for image in images]
+    return [preprocess(image, spec)[np.newaxis] for image in images]
+
+
+def serving_spec(files: ModelFiles) -> PreprocessSpec:
+    """The preprocessing ``files`` declare (``model.json``), MNIST's when they declare none."""
+    return signature_or_reference(files.model_json, len(files.labels)).preprocessing
 
 
 async def _warm_up(
@@ -546,6 +562,7 @@ class _Candidates:
     ) -> None:
         self._control = control
         self._files = files
+        self._spec = serving_spec(files)
         self._base = base
         self._probe = memory_probe
         self._timeout = timeout
@@ -561,7 +578,9 @@ class _Candidates:
         self._count += 1
         name = f"{self._prefix}-{self._count}"
         options = config.apply(self._base)
-        pbtxt = render_config(name, len(self._files.labels), [1], options)
+        pbtxt = render_config(
+            name, len(self._files.labels), [1], options, input_dims=self._spec.input_shape
+        )
         payload = {
             f"file:1/{ONNX_FILE}": self._files.onnx,
             f"file:1/{LABELS_FILE}": labels_json(self._files.labels),
@@ -582,7 +601,8 @@ class _Candidates:
         await self._control.wait_model_ready(name, "1", timeout=self._timeout)
         target = _Target(model=name, version="1")
         self._loaded[config] = target
-        await _warm_up(self._control.url, [target], _ANY_TENSORS, 8)
+        blank = np.zeros((1, *self._spec.input_shape), dtype=np.float32)
+        await _warm_up(self._control.url, [target], [blank], 8)
         after = await self._probe() if self._probe else None
         if before is not None and after is not None:
             self._memory.setdefault(config, round(max(after - before, 0.0), 1))
@@ -624,9 +644,6 @@ class _Candidates:
                 await self.unload(config)
 
 
-_ANY_TENSORS: Final = [np.zeros((1, 1, 28, 28), dtype=np.float32)]
-
-
 async def tune(
     triton_url: str,
     files: ModelFiles,
@@ -650,7 +667,7 @@ async def tune(
     constraints = constraints or Constraints()
     if constraints.max_memory_mb is not None and memory_probe is None:
         raise InvalidInputError("a memory limit needs a way to measure memory (memory_probe)")
-    tensors = _tensors(images)
+    tensors = _tensors(images, serving_spec(files))
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     baseline = ServingConfig.of(base)

@@ -12,6 +12,8 @@ from flywheel_testing.serving import digit_model_files
 from flywheel_validator.adapters.triton import TritonBenchmark, triton_name
 from flywheel_validator.errors import ServingRefusedError
 from flywheel_validator.ports import ServedModel
+from flywheel_vision.contract import ModelSignature, TensorSpec, reference_signature
+from flywheel_vision.preprocess import MNIST_PREPROCESS, PreprocessSpec
 
 OPTIONS = ServingOptions(flavour="python", max_batch_size=8, preferred_batch_sizes=(8,))
 
@@ -43,6 +45,7 @@ class FakeMeasure:
 
     failing: set[str] = field(default_factory=set)
     calls: list[tuple[str, int]] = field(default_factory=list)
+    specs: dict[str, PreprocessSpec] = field(default_factory=dict)
 
     async def __call__(
         self,
@@ -54,10 +57,12 @@ class FakeMeasure:
         *,
         requests_per_level: int,
         rounds: int,
+        spec: PreprocessSpec,
     ) -> list[LoadPoint]:
         assert (url, rounds, images) == ("triton:8000", 1, [b"png"])
         (level,) = levels
         self.calls.append((model.split(".")[1], level))
+        self.specs[model.split(".")[1]] = spec
         if model in self.failing:
             raise TritonError("every request of a load level failed")
         return [
@@ -192,3 +197,27 @@ def test_long_names_are_cut_to_what_triton_takes() -> None:
     assert len(name) == 128
     assert name.startswith("validator.candidate.mmm")
     assert name != triton_name("candidate", "m" * 201, "12")
+
+
+async def test_each_model_is_driven_with_the_preprocessing_it_declares(tmp_path: Path) -> None:
+    rgb = PreprocessSpec(height=32, width=32, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    reference = reference_signature(10, architecture="TinyConvNet")
+    signature = ModelSignature(
+        architecture="TinyConvNet",
+        inputs=(TensorSpec(name="image", shape=(-1, 3, 32, 32)),),
+        outputs=reference.outputs,
+        preprocessing=rgb,
+    )
+    declared = ServedModel(
+        "candidate",
+        digit_model_files("digits", "2", seed=2).model_copy(
+            update={"model_json": signature.model_dump_json().encode()}
+        ),
+    )
+    measure = FakeMeasure()
+
+    await bench(FakeControl(), measure, tmp_path).compare(
+        declared, served("champion", "1"), [b"png"]
+    )
+
+    assert measure.specs == {"candidate": rgb, "champion": MNIST_PREPROCESS}

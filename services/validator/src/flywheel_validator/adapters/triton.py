@@ -23,7 +23,7 @@ from flywheel_runtime.errors import InvalidInputError
 from flywheel_serving.errors import ModelLoadError, TritonError
 from flywheel_serving.repository import ServingOptions, build_model_repository
 from flywheel_serving.triton import TritonControl
-from flywheel_serving.tuning import LoadPoint, describe_hardware, measure
+from flywheel_serving.tuning import LoadPoint, describe_hardware, measure, serving_spec
 from flywheel_validator.errors import ServingRefusedError
 from flywheel_validator.ports import LoadRun, ServedModel
 
@@ -123,6 +123,7 @@ class TritonBenchmark:
                 [level],
                 requests_per_level=self._requests,
                 rounds=1,
+                spec=serving_spec(model.files),
             )
         except TritonError:
             # Every request failed. Triton gone is an outage (this raises, and the event is
