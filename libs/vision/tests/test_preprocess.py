@@ -10,6 +10,7 @@ from flywheel_vision.preprocess import (
     INPUT_SHAPE,
     MNIST_MEAN,
     MNIST_STD,
+    image_statistics,
     preprocess,
     preprocess_batch,
 )
@@ -78,3 +79,26 @@ def test_a_batch_stacks_single_results_in_order() -> None:
     for index, png in enumerate(pngs):
         assert np.array_equal(batch[index], preprocess(png))
     assert preprocess_batch([]).shape == (0, *INPUT_SHAPE)
+
+
+def test_image_statistics_are_grey_level_mean_spread_and_size() -> None:
+    white = Image.new("L", (20, 10), color=255)
+    halves = Image.new("L", (4, 4), color=0)
+    halves.paste(255, (0, 0, 4, 2))
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 5), color=(0, 0, 0)).save(buffer, format="PNG")
+
+    assert image_statistics(white) == {
+        "brightness": 1.0,
+        "contrast": 0.0,
+        "width": 20,
+        "height": 10,
+    }
+    assert image_statistics(halves)["brightness"] == pytest.approx(0.5)
+    assert image_statistics(halves)["contrast"] == pytest.approx(0.5)
+    assert image_statistics(buffer.getvalue()) == {
+        "brightness": 0.0,
+        "contrast": 0.0,
+        "width": 3,
+        "height": 5,
+    }

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel_runtime.errors import InvalidInputError
 
 __all__ = [
+    "EMBEDDING_NAME",
     "IMAGE_SIZE",
     "INPUT_NAME",
     "INPUT_SHAPE",
@@ -36,6 +37,7 @@ __all__ = [
     "ImageInput",
     "PreprocessSpec",
     "Resize",
+    "image_statistics",
     "preprocess",
     "preprocess_batch",
 ]
@@ -45,6 +47,10 @@ INPUT_NAME: Final = "image"
 
 OUTPUT_NAME: Final = "logits"
 """Name of the model's output tensor (unnormalised class scores, ``[N, num_classes]``)."""
+
+EMBEDDING_NAME: Final = "embedding"
+"""Name of a model's optional second output: its penultimate layer, ``[N, D]``, which drift
+checks compare with the training data's."""
 
 IMAGE_SIZE: Final = 28
 """Side of the square image the model sees."""
@@ -163,3 +169,20 @@ def _decode(data: bytes | bytearray | memoryview) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidInputError("the data is not a decodable image") from exc
     return picture
+
+
+def image_statistics(image: ImageInput) -> dict[str, float | int]:
+    """Cheap statistics of an image as it arrived, before preprocessing: mean and standard
+    deviation of its grey levels on [0, 1], and its size (``flywheel_contracts.ImageStatistics``).
+
+    Drift checks compare them with the training images': inverted, washed-out or resized
+    inputs show here whatever the model makes of them.
+    """
+    picture = _decode(image) if isinstance(image, bytes | bytearray | memoryview) else image
+    grey = np.asarray(picture.convert("L"), dtype=np.float32) / np.float32(255.0)
+    return {
+        "brightness": round(float(grey.mean()), 6),
+        "contrast": round(float(grey.std()), 6),
+        "width": picture.width,
+        "height": picture.height,
+    }
