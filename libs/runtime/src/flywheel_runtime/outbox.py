@@ -123,8 +123,10 @@ class BrokerOutboxPublisher:
         token = otel_context.attach(propagate.extract(dict(message.headers)))
         try:
             exchange = self._topology.namespace + message.exchange
-            await asyncio.wait_for(
-                self._broker.publish(
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # lands as the call completes, and the relay's stop() then waits forever.
+            async with asyncio.timeout(self._timeout_s):
+                await self._broker.publish(
                     dict(message.body),
                     exchange=exchange,
                     routing_key=message.routing_key,
@@ -133,9 +135,7 @@ class BrokerOutboxPublisher:
                     message_type=message.event_type,
                     persist=True,
                     mandatory=False,
-                ),
-                timeout=self._timeout_s,
-            )
+                )
         finally:
             otel_context.detach(token)
 
@@ -241,7 +241,8 @@ class OutboxRelay:
             if published >= self._batch_size:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval_s)
+                async with asyncio.timeout(self._poll_interval_s):
+                    await self._wake.wait()
 
     def start(self) -> None:
         if self._task is None:

@@ -227,7 +227,8 @@ class BatchJobs:
                 log.exception("batch job sweep failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.sweep_s)
+                async with asyncio.timeout(self._settings.sweep_s):
+                    await self._wake.wait()
 
     async def run(self, job: BatchJob) -> None:
         """Label the job's images from where it left off; report success or the failure."""

@@ -158,7 +158,8 @@ class Driver:
                 # The next tick retries; a database outage must not end the canaries for good.
                 log.warning("rollout tick failed; retrying", error=repr(error))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rollout.changed.wait(), timeout=self._tick_s)
+                async with asyncio.timeout(self._tick_s):
+                    await self._rollout.changed.wait()
 
     async def start(self) -> None:
         if self._task is None:

@@ -79,7 +79,8 @@ class Supervisor:
                 # The next tick retries; a database outage must not end supervision for good.
                 log.warning("supervisor tick failed; retrying", error=repr(error))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dispatch.changed.wait(), timeout=self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._dispatch.changed.wait()
 
     async def start(self) -> None:
         if self._task is None:

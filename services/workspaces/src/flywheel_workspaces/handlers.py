@@ -66,7 +66,8 @@ class Supervisor:
                 # The next pass retries; a database outage must not end supervision for good.
                 log.warning("supervisor pass failed; retrying", error=repr(error))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._workspaces.changed.wait(), timeout=self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._workspaces.changed.wait()
 
     async def start(self) -> None:
         if self._task is None:
