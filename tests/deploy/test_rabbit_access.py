@@ -77,6 +77,7 @@ def test_permissions_grant_each_process_only_its_own_names() -> None:
     services = provision.load_access()
     validator = provision.permissions("validator", services["validator"])
     labeling = provision.permissions("labeling", services["labeling"])
+    workspaces = provision.permissions("workspaces", services["workspaces"])
 
     assert validator["write"] == r"^(flywheel\.dlx|flywheel\.events|validator\..+)$"
     assert validator["read"] == r"^(flywheel\.dlx|flywheel\.events|validator\..+)$"
@@ -85,7 +86,14 @@ def test_permissions_grant_each_process_only_its_own_names() -> None:
         "read": r"^(model\.trained)$",
     }
     assert validator["topics"]["flywheel.inference"] == {"write": "^$", "read": "^$"}
-    assert labeling["read"] == "^$"
+    assert labeling["read"] == r"^(flywheel\.dlx|flywheel\.events|labeling\..+)$"
+    assert labeling["topics"]["flywheel.events"] == {
+        "write": r"^(labels\.saved|project\.configured)$",
+        "read": r"^(labels\.requested)$",
+    }
+    # A process that only publishes reads nothing and owns no queues.
+    assert workspaces["read"] == "^$"
+    assert workspaces["write"] == r"^(flywheel\.events)$"
     assert provision.password_env("data-monitor") == "RABBITMQ_PASSWORD_DATA_MONITOR"
 
 

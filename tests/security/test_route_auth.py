@@ -47,9 +47,9 @@ NOT_ENFORCED: dict[str, str] = {}
 into passes that must be removed here (none at present)."""
 
 
-PATH_VALUES = ("demo-1", "snap-0123abcd")
-"""Dummy path values tried in turn against a parameter's pattern; UUID and int parameters
-get a fresh UUID and ``1``."""
+PATH_VALUES = ("demo-1", "snap-0123abcd", "0" * 64)
+"""Dummy path values tried in turn against a parameter's pattern (a slug, a snapshot id, a
+sha256); UUID and int parameters get a fresh UUID and ``1``."""
 
 
 @dataclass(frozen=True)

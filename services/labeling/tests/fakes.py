@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from flywheel_contracts import Event
@@ -16,7 +17,11 @@ from flywheel_labeling.ports import (
     AnnotationRef,
     Label,
     LabelStats,
+    NewRequestedImage,
     Project,
+    QueuePosition,
+    RequestedImage,
+    RequestStatus,
     SnapshotRecord,
     Superseded,
 )
@@ -32,6 +37,10 @@ class State:
     snapshots: list[SnapshotRecord] = field(default_factory=list)
     outbox: list[Event[Any]] = field(default_factory=list)
     positions: int = 0
+    claimed: set[uuid.UUID] = field(default_factory=set)
+    requests: dict[int, RequestedImage] = field(default_factory=dict)
+    """The needs-label queue's entries by entry id."""
+    entries: int = 0
 
 
 class FakeTransaction:
@@ -119,6 +128,87 @@ class FakeTransaction:
     async def emit(self, event: Event[Any]) -> None:
         self.state.outbox.append(event)
 
+    async def claim(self, event_id: uuid.UUID) -> bool:
+        if event_id in self.state.claimed:
+            return False
+        self.state.claimed.add(event_id)
+        return True
+
+    async def dismissed_images(self, project_id: str, shas: set[str]) -> set[str]:
+        return {
+            entry.input_sha256
+            for entry in self.state.requests.values()
+            if entry.project_id == project_id
+            and entry.input_sha256 in shas
+            and entry.status == "dismissed"
+        }
+
+    def _open(self, project_id: str, sha: str) -> RequestedImage | None:
+        return next(
+            (
+                entry
+                for entry in self.state.requests.values()
+                if (entry.project_id, entry.input_sha256, entry.status) == (project_id, sha, "open")
+            ),
+            None,
+        )
+
+    async def open_requests(self, images: list[NewRequestedImage]) -> None:
+        for image in images:
+            current = self._open(image.project_id, image.input_sha256)
+            if current is None:
+                self.state.entries += 1
+                self.state.requests[self.state.entries] = RequestedImage(
+                    entry_id=self.state.entries,
+                    project_id=image.project_id,
+                    input_sha256=image.input_sha256,
+                    image_key=image.image_key,
+                    score=image.score,
+                    predicted_class=image.predicted_class,
+                    confidence=image.confidence,
+                    status="open",
+                    request_id=image.request_id,
+                    report_id=image.report_id,
+                    reason=image.reason,
+                    requested_at=image.requested_at,
+                    created_at=image.now,
+                    updated_at=image.now,
+                )
+                continue
+            merged = replace(current, score=max(current.score, image.score), updated_at=image.now)
+            if image.requested_at >= current.requested_at:
+                merged = replace(
+                    merged,
+                    image_key=image.image_key,
+                    predicted_class=image.predicted_class,
+                    confidence=image.confidence,
+                    request_id=image.request_id,
+                    report_id=image.report_id,
+                    reason=image.reason,
+                    requested_at=image.requested_at,
+                )
+            self.state.requests[current.entry_id] = merged
+
+    async def mark_requests_labeled(
+        self, project_id: str, labels: dict[str, uuid.UUID], now: datetime
+    ) -> None:
+        for sha, label_id in labels.items():
+            entry = self._open(project_id, sha)
+            if entry is not None:
+                self.state.requests[entry.entry_id] = replace(
+                    entry, status="labeled", labeled_label_id=label_id, updated_at=now
+                )
+
+    async def lock_open_request(self, project_id: str, sha: str) -> RequestedImage | None:
+        return self._open(project_id, sha)
+
+    async def set_request_status(
+        self, entry_id: int, status: RequestStatus, now: datetime
+    ) -> RequestedImage:
+        entry = replace(self.state.requests[entry_id], status=status, updated_at=now)
+        self.state.requests[entry_id] = entry
+        return entry
+
 
 class FakeStore:
     """The Store port in memory: transactions are serialized and apply only when they succeed."""
@@ -203,6 +293,42 @@ class FakeStore:
             ),
             None,
         )
+
+    async def requests_page(
+        self, project_id: str, status: RequestStatus, after: QueuePosition | None, limit: int
+    ) -> list[RequestedImage]:
+        self._check()
+        entries = sorted(
+            (
+                entry
+                for entry in self.state.requests.values()
+                if (entry.project_id, entry.status) == (project_id, status) and _after(entry, after)
+            ),
+            key=_queue_order,
+        )
+        return entries[:limit]
+
+    async def requested_image(self, project_id: str, sha: str) -> RequestedImage | None:
+        self._check()
+        entries = [
+            entry
+            for entry in self.state.requests.values()
+            if (entry.project_id, entry.input_sha256) == (project_id, sha)
+        ]
+        return max(
+            entries, key=lambda e: (e.status == "open", e.updated_at, e.entry_id), default=None
+        )
+
+
+def _queue_order(entry: RequestedImage) -> tuple[float, datetime, int]:
+    return (-entry.score, entry.created_at, entry.entry_id)
+
+
+def _after(entry: RequestedImage, position: QueuePosition | None) -> bool:
+    if position is None:
+        return True
+    mark = (-position.score, position.created_at, position.entry_id)
+    return _queue_order(entry) > mark
 
 
 class FakeImages:

@@ -119,6 +119,35 @@ class ProjectExistsError(ConflictError):
     code = "project_exists"
 
 
+class InvalidLabelsRequestedError(FieldError):
+    """A labels.requested the contract let through that the queue cannot hold (a score that
+    is no finite number, text the database cannot store): never handled, so dead-lettered."""
+
+    code = "invalid_labels_requested"
+
+
+class LabelRequestNotFoundError(NotFoundError):
+    code = "label_request_not_found"
+
+    def __init__(self, project_id: str, input_sha256: str) -> None:
+        super().__init__(
+            f"no label request for image {input_sha256} in project {project_id!r}",
+            details={"project_id": project_id, "input_sha256": input_sha256},
+        )
+
+
+class LabelRequestClosedError(ConflictError):
+    """The request was answered by a label already; there is nothing left to dismiss."""
+
+    code = "label_request_closed"
+
+
+class RequestedImageMissingError(NotFoundError):
+    """The image a label request points at is not in the data bucket (any more)."""
+
+    code = "image_not_found"
+
+
 class WebhookSecretError(AuthenticationError):
     """The Label Studio webhook came without the shared secret, or with a wrong one."""
 

@@ -21,6 +21,8 @@ from flywheel_labeling.errors import ImageTooLargeError, InvalidImageError
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 """Formats we decode; anything else is refused rather than handed to a rarely used decoder."""
 
+OCTET_STREAM = "application/octet-stream"
+
 
 @dataclass(frozen=True)
 class CheckedImage:
@@ -86,6 +88,18 @@ def _check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
             field=field,
             details={"limit_pixels": max_pixels},
         )
+
+
+def media_type(data: bytes) -> str:
+    """The image media type of ``data``, read from its header (nothing is decoded);
+    ``application/octet-stream`` for bytes that are no image we know."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as header:
+                return header.get_format_mimetype() or OCTET_STREAM
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+            return OCTET_STREAM
 
 
 def decode_base64(value: str) -> bytes:

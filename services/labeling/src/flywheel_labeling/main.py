@@ -1,4 +1,4 @@
-"""The labeling app factory: runtime, adapters, use cases and the HTTP API."""
+"""The labeling app factory: runtime, adapters, use cases, the handler and the HTTP API."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from flywheel_labeling.adapters.fetch import HttpImageFetcher
 from flywheel_labeling.adapters.images import S3ImageStore
 from flywheel_labeling.adapters.repository import SqlStore
 from flywheel_labeling.api import routers
-from flywheel_labeling.service import LabelingService, Limits, ProjectService
+from flywheel_labeling.handlers import register
+from flywheel_labeling.service import (
+    LabelingService,
+    LabelRequestQueue,
+    Limits,
+    ProjectService,
+)
 from flywheel_labeling.settings import SERVICE, LabelingSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
 from flywheel_runtime.asyncapi import declare_publishes
@@ -31,7 +37,8 @@ VERSION = "0.1.0"
 DESCRIPTION = (
     "Takes labels from labeling tools (native JSON and multipart, Label Studio webhooks), "
     "stores images in S3 by content and labels in PostgreSQL, and records every change as an "
-    "immutable dataset snapshot announced by labels.saved."
+    "immutable dataset snapshot announced by labels.saved. Keeps the needs-label queue that "
+    "labels.requested fills: a saved label of the same image answers its request."
 )
 
 log = structlog.get_logger(__name__)
@@ -65,10 +72,13 @@ def create_app(settings: LabelingSettings | None = None) -> FastAPI:
     fetcher = HttpImageFetcher(
         settings.image_fetch_allowed_hosts, timeout_s=settings.image_fetch_timeout_s
     )
-    store = SqlStore(runtime.database)
+    store = SqlStore(runtime.database, consumer=SERVICE)
+    images = S3ImageStore(storage, settings.data_bucket)
+    label_requests = LabelRequestQueue(store, images)
+    register(runtime.broker, runtime.topology, label_requests)
     labeling = LabelingService(
         store,
-        S3ImageStore(storage, settings.data_bucket),
+        images,
         fetcher,
         SnapshotStore(storage, bucket=settings.data_bucket),
         Limits(
@@ -100,7 +110,7 @@ def create_app(settings: LabelingSettings | None = None) -> FastAPI:
     runtime.checks["s3"] = storage.ping
 
     app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=routers)
-    attach(app, settings, ProjectService(store), labeling, verifier)
+    attach(app, settings, ProjectService(store), labeling, verifier, label_requests)
     return app
 
 
@@ -124,6 +134,7 @@ def attach(
     projects: ProjectService,
     labeling: LabelingService,
     verifier: TokenVerifier,
+    label_requests: LabelRequestQueue,
 ) -> None:
     """Give the routes what their dependencies look up on ``app.state``, and the body limit."""
     app.max_body_size = settings.max_request_bytes
@@ -132,3 +143,4 @@ def attach(
     app.state.token_verifier = verifier
     app.state.projects = projects
     app.state.labeling = labeling
+    app.state.label_requests = label_requests

@@ -2,7 +2,8 @@
 
 ``Store`` is the service's PostgreSQL schema: plain reads, and ``transaction()`` for one unit
 of work in which the project row is locked, labels and their history written, the snapshot
-recorded and the outgoing events queued in the outbox, all committed together.
+recorded, the needs-label queue updated and the outgoing events queued in the outbox, all
+committed together.
 ``ImageStore`` and ``SnapshotStorage`` are the data bucket; ``ImageFetcher`` reads task images
 from the web hosts Label Studio points at.
 """
@@ -336,6 +337,67 @@ class LabelStats(BaseModel):
     snapshots: int
 
 
+# --- the needs-label queue ----------------------------------------------------------------------
+
+RequestStatus = Literal["open", "labeled", "dismissed"]
+"""``open`` until a label of the same image is saved (``labeled``) or a labeler dismisses it."""
+
+
+@dataclass(frozen=True)
+class NewRequestedImage:
+    """One image of a labels.requested, checked, as the queue receives it."""
+
+    project_id: str
+    input_sha256: str
+    image_key: str
+    score: float
+    predicted_class: str | None
+    confidence: float | None
+    request_id: uuid.UUID
+    report_id: uuid.UUID | None
+    reason: str
+    requested_at: datetime
+    """When the request was made (the event's ``occurred_at``): the newest request of an
+    image still open gives its entry's request fields, whatever order events arrive in."""
+    now: datetime
+
+
+@dataclass(frozen=True)
+class RequestedImage:
+    """One entry of the needs-label queue: an image labelers were asked to label.
+
+    A project has at most one ``open`` entry per image: a new request for an image still open
+    merges into it (the highest score, the newest request). Closed entries stay as history.
+    """
+
+    entry_id: int
+    project_id: str
+    input_sha256: str
+    image_key: str
+    """Key of the image in the data bucket."""
+    score: float
+    predicted_class: str | None
+    confidence: float | None
+    status: RequestStatus
+    request_id: uuid.UUID
+    report_id: uuid.UUID | None
+    reason: str
+    requested_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    labeled_label_id: uuid.UUID | None = None
+    """The label that answered it, once ``labeled``."""
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """Where a page of the queue ends, in its order (score down, then oldest first)."""
+
+    score: float
+    created_at: datetime
+    entry_id: int
+
+
 # --- ports --------------------------------------------------------------------------------------
 
 
@@ -380,6 +442,36 @@ class Transaction(Protocol):
         """Queue an event for publishing once the transaction commits (outbox)."""
         ...
 
+    async def claim(self, event_id: uuid.UUID) -> bool:
+        """False when this service handled the event already (a redelivery)."""
+        ...
+
+    async def dismissed_images(self, project_id: str, shas: set[str]) -> set[str]:
+        """The images among ``shas`` a labeler dismissed in this project."""
+        ...
+
+    async def open_requests(self, images: list[NewRequestedImage]) -> None:
+        """Open an entry per image, or merge into the image's open entry (highest score,
+        request fields of the newest request)."""
+        ...
+
+    async def mark_requests_labeled(
+        self, project_id: str, labels: dict[str, uuid.UUID], now: datetime
+    ) -> None:
+        """Close the open entries of the images in ``labels`` (sha256 → the label that
+        answers it) as ``labeled``."""
+        ...
+
+    async def lock_open_request(self, project_id: str, sha: str) -> RequestedImage | None:
+        """The image's open entry, its row locked until commit."""
+        ...
+
+    async def set_request_status(
+        self, entry_id: int, status: RequestStatus, now: datetime
+    ) -> RequestedImage:
+        """Give an entry a new status; returns it as it is now."""
+        ...
+
 
 class Store(Protocol):
     """The labeling service's persistent state."""
@@ -407,6 +499,16 @@ class Store(Protocol):
         ...
 
     async def snapshot(self, project_id: str, snapshot_id: str) -> SnapshotRecord | None: ...
+
+    async def requests_page(
+        self, project_id: str, status: RequestStatus, after: QueuePosition | None, limit: int
+    ) -> list[RequestedImage]:
+        """Entries of one status, highest score first then oldest, after ``after``."""
+        ...
+
+    async def requested_image(self, project_id: str, sha: str) -> RequestedImage | None:
+        """The image's open entry, else its most recently updated one."""
+        ...
 
 
 class ImageStore(Protocol):

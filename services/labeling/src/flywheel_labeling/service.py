@@ -5,6 +5,10 @@ with one labels.saved. Requests for the same project are committed in groups by
 ``GroupCommitter``: each request validates and uploads its images on its own, concurrently with
 the others, then hands its label changes over; whatever is waiting is committed as one
 snapshot, one S3 segment and one transaction, and every request gets its own outcomes back.
+
+The needs-label queue (``LabelRequestQueue``) holds the images labels.requested asks labelers
+to label. A label saved for the same image (the same sha256 of the same bytes) closes its open
+entry in the transaction that saves the label.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import re
 import time
 import uuid
@@ -23,7 +28,7 @@ from typing import Literal
 
 import structlog
 
-from flywheel_contracts import LabelsSavedV1, ProjectConfiguredV1
+from flywheel_contracts import LabelsRequestedV1, LabelsSavedV1, ProjectConfiguredV1
 from flywheel_contracts.datasets import (
     SnapshotManifest,
     SnapshotSegment,
@@ -33,6 +38,7 @@ from flywheel_contracts.datasets import (
 )
 from flywheel_contracts.events import (
     SLUG,
+    LabelRequestItem,
     LabelsSavedPayload,
     PredictionFeedback,
     ProjectConfiguredPayload,
@@ -45,14 +51,18 @@ from flywheel_labeling.errors import (
     ImageSourceRefusedError,
     ImageTooLargeError,
     InvalidCursorError,
+    InvalidLabelsRequestedError,
     ItemError,
+    LabelRequestClosedError,
+    LabelRequestNotFoundError,
     ProjectExistsError,
     ProjectNotFoundError,
+    RequestedImageMissingError,
     SnapshotNotFoundError,
     TaskTypeNotSupportedError,
     UnknownClassError,
 )
-from flywheel_labeling.images import CheckedImage, check_image
+from flywheel_labeling.images import CheckedImage, check_image, media_type
 from flywheel_labeling.labelstudio import ItemKind, Webhook, WebhookItem
 from flywheel_labeling.ports import (
     AnnotationRef,
@@ -67,9 +77,13 @@ from flywheel_labeling.ports import (
     LabelFields,
     LabelStats,
     NewProject,
+    NewRequestedImage,
     Outcome,
     Project,
     ProjectChanges,
+    QueuePosition,
+    RequestedImage,
+    RequestStatus,
     SnapshotRecord,
     SnapshotStorage,
     Status,
@@ -139,6 +153,9 @@ class GroupPlan:
     refs: list[AnnotationRef]
     class_counts: dict[str, int]
     """Live labels per class after the group."""
+    live_labels: dict[str, uuid.UUID] = field(default_factory=dict)
+    """The live label after the group of every image the group touched, by sha256: what
+    answers the open label requests of those images."""
 
     @property
     def changed(self) -> bool:
@@ -268,6 +285,7 @@ def plan_group(
         superseded=superseded,
         refs=list(touched_refs.values()),
         class_counts={name: n for name, n in sorted(counts.items()) if n > 0},
+        live_labels={sha: label.label_id for sha, label in sorted(state.items())},
     )
 
 
@@ -405,7 +423,8 @@ class GroupCommitter:
                 return
             queue.arrived.clear()
             try:
-                await asyncio.wait_for(queue.arrived.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):
+                    await queue.arrived.wait()
             except TimeoutError:
                 return
 
@@ -912,6 +931,9 @@ class LabelingService:
             plan = plan_group(project, requests, labels, refs, now)
             if plan.refs:
                 await tx.save_annotation_refs(plan.refs)
+            # Also when nothing changed: an image labeled before it was requested (a request
+            # racing the label) is answered by the label it has.
+            await tx.mark_requests_labeled(project_id, plan.live_labels, now)
             if not plan.changed:
                 return [CommitResult(outcomes=o) for o in plan.outcomes]
             return await self._write_snapshot(tx, project, plan, now)
@@ -1004,6 +1026,218 @@ class LabelingService:
                 details={"snapshot_id": snapshot_id},
             )
         return record, await self._snapshots.resolve(project_id, snapshot_id)
+
+    async def _existing(self, project_id: str) -> Project:
+        project = await self._store.project(project_id)
+        if project is None:
+            raise ProjectNotFoundError(project_id)
+        return project
+
+
+# --- the needs-label queue ----------------------------------------------------------------------
+
+_QUEUE_CURSOR_PREFIX = "q1:"
+
+MAX_IMAGE_KEY_BYTES = 1024
+"""The longest key S3 stores."""
+
+
+def encode_queue_cursor(position: QueuePosition) -> str:
+    """An opaque page token for a place in the queue's order."""
+    raw = (
+        f"{_QUEUE_CURSOR_PREFIX}{position.score!r}|{position.created_at.isoformat()}|"
+        f"{position.entry_id}"
+    )
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_queue_cursor(cursor: str | None) -> QueuePosition | None:
+    """The place in a page token; ``InvalidCursorError`` (422) for anything we did not issue."""
+    if cursor is None or cursor == "":
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith(_QUEUE_CURSOR_PREFIX):
+            raise ValueError(raw)
+        score, created_at, entry_id = raw.removeprefix(_QUEUE_CURSOR_PREFIX).split("|")
+        position = QueuePosition(
+            score=float(score),
+            created_at=datetime.fromisoformat(created_at),
+            entry_id=int(entry_id),
+        )
+    except (binascii.Error, UnicodeDecodeError, ValueError) as error:
+        raise InvalidCursorError("cursor is not one this service issued", field="cursor") from error
+    if (
+        not math.isfinite(position.score)
+        or position.created_at.tzinfo is None
+        or position.entry_id < 0
+    ):
+        raise InvalidCursorError("cursor is not one this service issued", field="cursor")
+    return position
+
+
+def requested_images(event: LabelsRequestedV1, now: datetime) -> list[NewRequestedImage]:
+    """The images a labels.requested asks for, once each (its highest-scored item), by sha256.
+
+    ``InvalidLabelsRequestedError`` names the first item field the queue cannot hold: a score
+    that is no finite number would sort above every real one, and PostgreSQL text cannot hold
+    NUL characters.
+    """
+    payload = event.payload
+    best: dict[str, LabelRequestItem] = {}
+
+    def refuse(where: str, problem: str) -> InvalidLabelsRequestedError:
+        # The field leads the message: a dead letter's error header carries the message only.
+        return InvalidLabelsRequestedError(f"{where}: {problem}", field=where)
+
+    for index, item in enumerate(payload.items):
+        at = f"payload.items.{index}"
+        if not math.isfinite(item.score):
+            raise refuse(f"{at}.score", f"must be a finite number, not {item.score!r}")
+        if not item.image_key or len(item.image_key.encode()) > MAX_IMAGE_KEY_BYTES:
+            raise refuse(
+                f"{at}.image_key", f"must be an S3 key of 1 to {MAX_IMAGE_KEY_BYTES} bytes"
+            )
+        for name in ("image_key", "predicted_class"):
+            value = getattr(item, name)
+            if value is not None and "\x00" in value:
+                raise refuse(f"{at}.{name}", "must not contain NUL characters")
+        kept = best.get(item.input_sha256)
+        if kept is None or item.score > kept.score:
+            best[item.input_sha256] = item
+    return [
+        NewRequestedImage(
+            project_id=payload.project_id,
+            input_sha256=sha,
+            image_key=item.image_key,
+            score=item.score,
+            predicted_class=item.predicted_class,
+            confidence=item.confidence,
+            request_id=payload.request_id,
+            report_id=payload.report_id,
+            reason=payload.reason,
+            requested_at=event.occurred_at,
+            now=now,
+        )
+        # Sorted: concurrent writers take the rows' locks in one order.
+        for sha, item in sorted(best.items())
+    ]
+
+
+def queue_position(entry: RequestedImage) -> QueuePosition:
+    """Where ``entry`` stands in the queue's order."""
+    return QueuePosition(score=entry.score, created_at=entry.created_at, entry_id=entry.entry_id)
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image read back from the data bucket, with the media type its header names."""
+
+    data: bytes
+    content_type: str
+
+
+class LabelRequestQueue:
+    """The needs-label queue: images labelers are asked to label, the most drifted first.
+
+    labels.requested opens entries; a label saved for the same image closes its open entry as
+    ``labeled`` (``LabelingService`` does, in the label's own transaction); a labeler may
+    dismiss one. An image labeled or dismissed in the project already is not asked for again.
+    """
+
+    def __init__(
+        self, store: Store, images: ImageStore, *, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self._store = store
+        self._images = images
+        self._clock = clock
+
+    async def labels_requested(self, event: LabelsRequestedV1) -> None:
+        """Reacts to labels.requested: opens an entry per image, or merges into the image's
+        open one; emits nothing. A redelivered event changes nothing."""
+        payload = event.payload
+        images = requested_images(event, self._clock())
+        shas = {image.input_sha256 for image in images}
+        async with self._store.transaction() as tx:
+            if not await tx.claim(event.event_id):
+                log.info("labels.requested already handled", request_id=str(payload.request_id))
+                return
+            # The lock label commits take: a label committed meanwhile is either seen below or
+            # closes the entry opened here.
+            project = await tx.lock_project(payload.project_id)
+            labeled = await tx.labels_by_image(payload.project_id, shas)
+            dismissed = await tx.dismissed_images(payload.project_id, shas)
+            opened = [
+                image
+                for image in images
+                if image.input_sha256 not in labeled and image.input_sha256 not in dismissed
+            ]
+            await tx.open_requests(opened)
+        log.info(
+            "labels requested",
+            project_id=payload.project_id,
+            request_id=str(payload.request_id),
+            reason=payload.reason,
+            images=len(images),
+            opened_or_merged=len(opened),
+            labeled_already=len(labeled),
+            dismissed_already=len(dismissed),
+            # Kept all the same: they show once a project is created under this id.
+            unknown_project=project is None,
+        )
+
+    async def page(
+        self, project_id: str, status: RequestStatus, cursor: str | None, limit: int
+    ) -> tuple[list[RequestedImage], str | None]:
+        """A page of one status's entries, highest score first then oldest, and the cursor of
+        the next page."""
+        after = decode_queue_cursor(cursor)
+        await self._existing(project_id)
+        page = await self._store.requests_page(project_id, status, after, limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
+        return page, encode_queue_cursor(queue_position(page[-1])) if page and more else None
+
+    async def dismiss(self, project_id: str, sha: str, by: str | None) -> RequestedImage:
+        """Take an image off the queue for good (a labeler's call). Dismissing twice is fine;
+        dismissing one a label answered is ``LabelRequestClosedError``."""
+        await self._existing(project_id)
+        async with self._store.transaction() as tx:
+            entry = await tx.lock_open_request(project_id, sha)
+            if entry is not None:
+                dismissed = await tx.set_request_status(entry.entry_id, "dismissed", self._clock())
+                log.info(
+                    "label request dismissed",
+                    project_id=project_id,
+                    input_sha256=sha,
+                    request_id=str(entry.request_id),
+                    by=by,
+                )
+                return dismissed
+        latest = await self._store.requested_image(project_id, sha)
+        if latest is None:
+            raise LabelRequestNotFoundError(project_id, sha)
+        if latest.status == "dismissed":
+            return latest
+        raise LabelRequestClosedError(
+            f"the request for image {sha} was answered by label {latest.labeled_label_id}",
+            details={"input_sha256": sha, "status": latest.status},
+        )
+
+    async def image(self, project_id: str, sha: str) -> ImageBytes:
+        """The bytes of a requested image, read from the data bucket where serving left it."""
+        await self._existing(project_id)
+        entry = await self._store.requested_image(project_id, sha)
+        if entry is None:
+            raise LabelRequestNotFoundError(project_id, sha)
+        try:
+            data = await self._images.read(entry.image_key)
+        except NotFoundError as error:
+            raise RequestedImageMissingError(
+                f"the image of the request for {sha} is not in the data bucket",
+                details={"input_sha256": sha, "image_key": entry.image_key},
+            ) from error
+        return ImageBytes(data=data, content_type=media_type(data))
 
     async def _existing(self, project_id: str) -> Project:
         project = await self._store.project(project_id)

@@ -1,4 +1,6 @@
 import base64
+import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -7,9 +9,16 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from flywheel_contracts import LabelsRequestedV1
+from flywheel_contracts.datasets import image_key
 from flywheel_labeling.api import routers
 from flywheel_labeling.main import attach
-from flywheel_labeling.service import LabelingService, Limits, ProjectService
+from flywheel_labeling.service import (
+    LabelingService,
+    LabelRequestQueue,
+    Limits,
+    ProjectService,
+)
 from flywheel_labeling.settings import LabelingSettings
 from flywheel_runtime.auth import (
     AuthSettings,
@@ -38,10 +47,17 @@ ADMIN = _bearer("root", "admin")
 
 
 class Api:
-    def __init__(self, client: httpx.AsyncClient, store: FakeStore, images: FakeImages) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        store: FakeStore,
+        images: FakeImages,
+        queue: LabelRequestQueue,
+    ) -> None:
         self.client = client
         self.store = store
         self.images = images
+        self.queue = queue
 
     async def label(
         self,
@@ -81,6 +97,7 @@ async def api() -> AsyncIterator[Api]:
         max_request_bytes=1_000_000,
     )
     store, images = FakeStore(), FakeImages()
+    queue = LabelRequestQueue(store, images)
     labeling = LabelingService(
         store,
         images,
@@ -93,7 +110,14 @@ async def api() -> AsyncIterator[Api]:
     install_error_handlers(app)
     for router in routers:
         app.include_router(router)
-    attach(app, settings, ProjectService(store), labeling, CachingTokenVerifier(settings.auth))
+    attach(
+        app,
+        settings,
+        ProjectService(store),
+        labeling,
+        CachingTokenVerifier(settings.auth),
+        queue,
+    )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://labeling.test") as client:
         created_project = await client.post(
@@ -102,7 +126,7 @@ async def api() -> AsyncIterator[Api]:
             headers=ADMIN,
         )
         assert created_project.status_code == 201, created_project.text
-        yield Api(client, store, images)
+        yield Api(client, store, images, queue)
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -432,3 +456,141 @@ async def test_unknown_routes_and_oversized_bodies_are_refused(api: Api) -> None
 
     assert _error(unknown, 404)["code"] == "not_found"
     assert oversized.status_code == 413
+
+
+# --- the needs-label queue ----------------------------------------------------------------------
+
+
+def _labels_requested(*images: tuple[bytes, float]) -> LabelsRequestedV1:
+    return LabelsRequestedV1.model_validate(
+        {
+            "payload": {
+                "project_id": "digits",
+                "model_line": "digits-classifier",
+                "request_id": uuid.uuid4(),
+                "reason": "drift",
+                "items": [
+                    {
+                        "input_sha256": hashlib.sha256(data).hexdigest(),
+                        "image_key": image_key(hashlib.sha256(data).hexdigest()),
+                        "score": score,
+                        "predicted_class": "8",
+                        "confidence": 0.4,
+                    }
+                    for data, score in images
+                ],
+            }
+        }
+    )
+
+
+async def _request_labels(api: Api, *images: tuple[bytes, float]) -> list[str]:
+    """Serving stored the images; data-monitor asked for their labels. Their sha256s."""
+    for data, _ in images:
+        api.images.objects[image_key(hashlib.sha256(data).hexdigest())] = data
+    await api.queue.labels_requested(_labels_requested(*images))
+    return [hashlib.sha256(data).hexdigest() for data, _ in images]
+
+
+QUEUE = "/v1/projects/digits/label-requests"
+
+
+async def test_the_queue_lists_requested_images_by_score_with_their_image(api: Api) -> None:
+    low, high = await _request_labels(api, (digit_image(1), 0.2), (digit_image(2), 0.9))
+
+    response = await api.client.get(QUEUE, headers=LABELER)
+    assert response.status_code == 200, response.text
+    items = response.json()["items"]
+    image = await api.client.get(items[0]["image_url"], headers=LABELER)
+
+    assert [i["input_sha256"] for i in items] == [high, low]
+    assert items[0]["status"] == "open"
+    assert items[0]["image_uri"] == f"s3://flywheel-data/{image_key(high)}"
+    assert (items[0]["predicted_class"], items[0]["confidence"]) == ("8", 0.4)
+    assert response.json()["next_cursor"] is None
+    assert image.status_code == 200
+    assert image.content == digit_image(2)
+    assert image.headers["content-type"] == "image/png"
+    assert image.headers["etag"] == f'"{high}"'
+
+
+async def test_the_queue_pages_with_a_cursor(api: Api) -> None:
+    shas = await _request_labels(api, *((digit_image(n), n / 10) for n in range(5)))
+
+    first = (await api.client.get(QUEUE, params={"limit": 3}, headers=LABELER)).json()
+    second = (
+        await api.client.get(
+            QUEUE, params={"limit": 3, "cursor": first["next_cursor"]}, headers=LABELER
+        )
+    ).json()
+
+    listed = [i["input_sha256"] for i in first["items"] + second["items"]]
+    assert listed == list(reversed(shas))
+    assert second["next_cursor"] is None
+
+
+async def test_a_label_of_the_same_image_moves_it_to_the_labeled_list(api: Api) -> None:
+    wanted, _ = await _request_labels(api, (digit_image(1), 0.9), (digit_image(2), 0.1))
+
+    saved = await api.batch(
+        [{"image_uri": f"s3://flywheel-data/{image_key(wanted)}", "class_name": "3"}]
+    )
+    labeled = await api.client.get(QUEUE, params={"status": "labeled"}, headers=LABELER)
+
+    assert saved.status_code == 200, saved.text
+    [item] = saved.json()["items"]
+    [entry] = labeled.json()["items"]
+    assert entry["input_sha256"] == wanted == item["image_sha256"]
+    assert entry["labeled_label_id"] == item["label_id"]
+    open_queue = (await api.client.get(QUEUE, headers=LABELER)).json()["items"]
+    assert wanted not in [i["input_sha256"] for i in open_queue]
+
+
+async def test_a_labeler_dismisses_a_request_and_an_answered_one_is_409(api: Api) -> None:
+    dismissed, answered = await _request_labels(api, (digit_image(1), 0.9), (digit_image(2), 0.5))
+    await api.label(digit_image(2), "2")
+
+    response = await api.client.post(f"{QUEUE}/{dismissed}:dismiss", headers=LABELER)
+    again = await api.client.post(f"{QUEUE}/{dismissed}:dismiss", headers=LABELER)
+    closed = await api.client.post(f"{QUEUE}/{answered}:dismiss", headers=LABELER)
+    unknown = await api.client.post(f"{QUEUE}/{'0' * 64}:dismiss", headers=LABELER)
+    reader = await api.client.post(f"{QUEUE}/{dismissed}:dismiss", headers=_bearer("eve"))
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == again.json()["status"] == "dismissed"
+    assert _error(closed, 409)["code"] == "label_request_closed"
+    assert _error(unknown, 404)["code"] == "label_request_not_found"
+    assert _error(reader, 403)["code"] == "forbidden"
+    assert (await api.client.get(QUEUE, headers=LABELER)).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        (QUEUE, {"status": "closed"}, "status"),
+        (QUEUE, {"limit": 0}, "limit"),
+        (QUEUE, {"cursor": "bogus"}, "cursor"),
+        (f"{QUEUE}/not-a-sha/image", {}, "input_sha256"),
+        ("/v1/projects/Not_A_Slug/label-requests", {}, "project"),
+    ],
+)
+async def test_bad_queue_input_is_422_naming_the_field(
+    api: Api, path: str, params: dict[str, Any], field: str
+) -> None:
+    response = await api.client.get(path, params=params, headers=LABELER)
+
+    assert _fields(_error(response, 422)) == [field]
+
+
+async def test_the_queue_of_an_unknown_project_or_image_is_404(api: Api) -> None:
+    unknown_project = await api.client.get("/v1/projects/nope/label-requests", headers=LABELER)
+    unknown_image = await api.client.get(f"{QUEUE}/{'0' * 64}/image", headers=LABELER)
+    [gone] = await _request_labels(api, (digit_image(1), 0.9))
+    api.images.objects.clear()
+    missing = await api.client.get(f"{QUEUE}/{gone}/image", headers=LABELER)
+    anonymous = await api.client.get(QUEUE)
+
+    assert _error(unknown_project, 404)["code"] == "project_not_found"
+    assert _error(unknown_image, 404)["code"] == "label_request_not_found"
+    assert _error(missing, 404)["code"] == "image_not_found"
+    assert anonymous.status_code == 401

@@ -259,6 +259,7 @@ def start_service(
         rabbit: str | None = None,
         database: str | None = None,
         s3: str | None = None,
+        platform: dict[str, Any] | None = None,
         **extra: Any,
     ) -> AsyncIterator[Service]:
         namespace = unique_namespace()
@@ -270,6 +271,7 @@ def start_service(
                 s3_access_key=SecretStr(s3_server.access_key),
                 s3_secret_key=SecretStr(s3_server.secret_key),
                 log_json=True,
+                **(platform or {}),
             ),
             auth=AuthSettings(dev_signing_key=SecretStr(dev_key)),
             webhook_secret=SecretStr(WEBHOOK_SECRET),
@@ -312,7 +314,7 @@ def start_service(
             topology = app.state.runtime.topology
             await delete_names(
                 rabbit_url,
-                queues=[],
+                queues=topology.queue_names,
                 exchanges=[
                     topology.events_exchange.name,
                     topology.inference_exchange.name,

@@ -195,6 +195,27 @@ def test_plan_deletes_an_annotations_label_only_while_it_is_still_that_annotatio
     assert plan.deletes == [labels[_sha(1)].label_id]
     assert plan.class_counts == {"5": 1}
     assert all(ref.deleted for ref in plan.refs)
+    assert plan.live_labels == {_sha(2): labels[_sha(2)].label_id}
+
+
+def test_a_group_plan_knows_the_live_label_of_every_image_it_touched() -> None:
+    first = plan_group(_project(), [[_upsert(0, 1, "7")]], labels={}, refs={}, now=NOW)
+    [label] = first.upserts
+
+    again = plan_group(
+        _project(class_counts=first.class_counts),
+        [[_upsert(0, 1, "7"), _upsert(1, 2, "3")]],
+        labels={label.image_sha256: label},
+        refs={},
+        now=NOW,
+    )
+
+    assert first.live_labels == {_sha(1): label.label_id}
+    assert [o.status for o in again.outcomes[0]] == ["unchanged", "created"]
+    assert again.live_labels == {
+        _sha(1): label.label_id,
+        _sha(2): again.outcomes[0][1].label_id,
+    }
 
 
 # --- group commit -------------------------------------------------------------------------------

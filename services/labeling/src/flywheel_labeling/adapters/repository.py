@@ -1,13 +1,29 @@
-"""``Store`` on PostgreSQL: the labeling tables plus the runtime's outbox."""
+"""``Store`` on PostgreSQL: the labeling tables plus the runtime's outbox and idempotency
+claim."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Table, delete, func, or_, select, tuple_, update
+from sqlalchemy import (
+    RowMapping,
+    Table,
+    Uuid,
+    and_,
+    case,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -16,6 +32,7 @@ from flywheel_contracts.datasets import Split
 from flywheel_contracts.events import RetrainPolicy, TaskType
 from flywheel_labeling.adapters.tables import (
     label_history,
+    label_requests,
     label_studio_annotations,
     labels,
     projects,
@@ -26,11 +43,16 @@ from flywheel_labeling.ports import (
     Label,
     LabelContent,
     LabelStats,
+    NewRequestedImage,
     Project,
+    QueuePosition,
+    RequestedImage,
+    RequestStatus,
     SnapshotRecord,
     Superseded,
 )
 from flywheel_runtime.db import Database
+from flywheel_runtime.idempotency import claim
 from flywheel_runtime.outbox import add_event
 
 
@@ -55,11 +77,49 @@ _UPSERT_LABELS = _upsert(labels, ["label_id"], kept=("position", "project_id", "
 _UPSERT_REFS = _upsert(label_studio_annotations, ["project_id", "annotation_id"])
 
 
+def _open_requests() -> Insert:
+    """Open an entry per image, or merge into its open one: the highest score, and the request
+    fields (pre-label and image key included) of the newest request."""
+    statement = insert(label_requests)
+    new, current = statement.excluded, label_requests.c
+    newer = new.requested_at >= current.requested_at
+
+    def newest(column: str) -> Any:
+        return case((newer, new[column]), else_=current[column])
+
+    return statement.on_conflict_do_update(
+        index_elements=[current.project_id, current.input_sha256],
+        # A literal, not a bound parameter: PostgreSQL matches the partial index's predicate
+        # textually, and a parameter (as executemany sends it) matches none.
+        index_where=text("status = 'open'"),
+        set_={
+            "score": func.greatest(current.score, new.score),
+            **{
+                column: newest(column)
+                for column in (
+                    "request_id",
+                    "report_id",
+                    "reason",
+                    "image_key",
+                    "predicted_class",
+                    "confidence",
+                )
+            },
+            "requested_at": func.greatest(current.requested_at, new.requested_at),
+            "updated_at": new.updated_at,
+        },
+    )
+
+
+_OPEN_REQUESTS = _open_requests()
+
+
 class SqlTransaction:
     """One transaction on the labeling schema."""
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, consumer: str) -> None:
         self._session = session
+        self._consumer = consumer
 
     async def insert_project(self, project: Project) -> bool:
         result = await self._session.execute(
@@ -165,17 +225,110 @@ class SqlTransaction:
     async def emit(self, event: Event[Any]) -> None:
         await add_event(self._session, event)
 
+    async def claim(self, event_id: uuid.UUID) -> bool:
+        return await claim(self._session, self._consumer, event_id)
+
+    async def dismissed_images(self, project_id: str, shas: set[str]) -> set[str]:
+        if not shas:
+            return set()
+        rows = await self._session.execute(
+            select(label_requests.c.input_sha256)
+            .where(
+                label_requests.c.project_id == project_id,
+                label_requests.c.input_sha256.in_(sorted(shas)),
+                label_requests.c.status == "dismissed",
+            )
+            .distinct()
+        )
+        return set(rows.scalars())
+
+    async def open_requests(self, images: list[NewRequestedImage]) -> None:
+        if not images:
+            return
+        await self._session.execute(
+            _OPEN_REQUESTS,
+            [
+                {
+                    "project_id": image.project_id,
+                    "request_id": image.request_id,
+                    "report_id": image.report_id,
+                    "reason": image.reason,
+                    "input_sha256": image.input_sha256,
+                    "image_key": image.image_key,
+                    "score": image.score,
+                    "predicted_class": image.predicted_class,
+                    "confidence": image.confidence,
+                    "status": "open",
+                    "requested_at": image.requested_at,
+                    "created_at": image.now,
+                    "updated_at": image.now,
+                }
+                for image in images
+            ],
+        )
+
+    async def mark_requests_labeled(
+        self, project_id: str, labels: dict[str, uuid.UUID], now: datetime
+    ) -> None:
+        if not labels:
+            return
+        await self._session.execute(
+            update(label_requests)
+            .where(
+                label_requests.c.project_id == project_id,
+                label_requests.c.status == "open",
+                label_requests.c.input_sha256.in_(sorted(labels)),
+            )
+            .values(
+                status="labeled",
+                labeled_label_id=case(
+                    {sha: literal(label_id, Uuid) for sha, label_id in labels.items()},
+                    value=label_requests.c.input_sha256,
+                ),
+                updated_at=now,
+            )
+        )
+
+    async def lock_open_request(self, project_id: str, sha: str) -> RequestedImage | None:
+        row = (
+            await self._session.execute(
+                select(label_requests)
+                .where(
+                    label_requests.c.project_id == project_id,
+                    label_requests.c.input_sha256 == sha,
+                    label_requests.c.status == "open",
+                )
+                .with_for_update()
+            )
+        ).first()
+        return None if row is None else _requested(row._mapping)
+
+    async def set_request_status(
+        self, entry_id: int, status: RequestStatus, now: datetime
+    ) -> RequestedImage:
+        row = (
+            await self._session.execute(
+                update(label_requests)
+                .where(label_requests.c.entry_id == entry_id)
+                .values(status=status, updated_at=now)
+                .returning(*label_requests.c)
+            )
+        ).one()
+        return _requested(row._mapping)
+
 
 class SqlStore:
     """The labeling schema of one PostgreSQL database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, consumer: str) -> None:
         self._db = db
+        self._consumer = consumer
+        """Name the idempotency claims of this service's consumers are recorded under."""
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTransaction]:
         async with self._db.transaction() as session:
-            yield SqlTransaction(session)
+            yield SqlTransaction(session, self._consumer)
 
     async def project(self, project_id: str) -> Project | None:
         async with self._db.transaction() as session:
@@ -266,6 +419,45 @@ class SqlStore:
                 )
             ).first()
         return None if row is None else SnapshotRecord.model_validate(dict(row._mapping))
+
+    async def requests_page(
+        self, project_id: str, status: RequestStatus, after: QueuePosition | None, limit: int
+    ) -> list[RequestedImage]:
+        table = label_requests.c
+        query = select(label_requests).where(table.project_id == project_id, table.status == status)
+        if after is not None:
+            query = query.where(
+                or_(
+                    table.score < after.score,
+                    and_(
+                        table.score == after.score,
+                        or_(
+                            table.created_at > after.created_at,
+                            and_(
+                                table.created_at == after.created_at,
+                                table.entry_id > after.entry_id,
+                            ),
+                        ),
+                    ),
+                )
+            )
+        query = query.order_by(table.score.desc(), table.created_at, table.entry_id).limit(limit)
+        async with self._db.transaction() as session:
+            rows = await session.execute(query)
+            return [_requested(row._mapping) for row in rows]
+
+    async def requested_image(self, project_id: str, sha: str) -> RequestedImage | None:
+        table = label_requests.c
+        async with self._db.transaction() as session:
+            row = (
+                await session.execute(
+                    select(label_requests)
+                    .where(table.project_id == project_id, table.input_sha256 == sha)
+                    .order_by((table.status == "open").desc(), table.updated_at.desc())
+                    .limit(1)
+                )
+            ).first()
+        return None if row is None else _requested(row._mapping)
 
 
 async def _annotation_refs(
@@ -374,4 +566,24 @@ def _label(row: RowMapping) -> Label:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         position=row.get("position"),
+    )
+
+
+def _requested(row: RowMapping) -> RequestedImage:
+    return RequestedImage(
+        entry_id=row["entry_id"],
+        project_id=row["project_id"],
+        input_sha256=row["input_sha256"],
+        image_key=row["image_key"],
+        score=row["score"],
+        predicted_class=row["predicted_class"],
+        confidence=row["confidence"],
+        status=row["status"],
+        request_id=row["request_id"],
+        report_id=row["report_id"],
+        reason=row["reason"],
+        requested_at=row["requested_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        labeled_label_id=row["labeled_label_id"],
     )

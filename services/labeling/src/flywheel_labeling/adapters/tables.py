@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     Float,
@@ -125,4 +126,44 @@ label_studio_annotations = Table(
     Column("label_id", Uuid),
     Column("image_sha256", String(64)),
     Column("deleted", Boolean, nullable=False, server_default="false"),
+)
+
+label_requests = Table(
+    "label_requests",
+    metadata,
+    Column("entry_id", BigInteger, Identity(), primary_key=True),
+    # No foreign key: a request may name a project before it is created here.
+    Column("project_id", String(63), nullable=False),
+    Column("request_id", Uuid, nullable=False),
+    Column("report_id", Uuid),
+    Column("reason", String(32), nullable=False),
+    Column("input_sha256", String(64), nullable=False),
+    Column("image_key", Text, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("predicted_class", Text),
+    Column("confidence", Float),
+    Column("status", String(16), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("labeled_label_id", Uuid),
+    CheckConstraint("status IN ('open', 'labeled', 'dismissed')", name="label_requests_status"),
+    # One open entry per image and project: a new request merges into it.
+    Index(
+        "label_requests_one_open",
+        "project_id",
+        "input_sha256",
+        unique=True,
+        postgresql_where=text("status = 'open'"),
+    ),
+    Index("label_requests_by_image", "project_id", "input_sha256"),
+)
+# The queue's order: score down, then oldest first (keyset pagination).
+Index(
+    "label_requests_queue",
+    label_requests.c.project_id,
+    label_requests.c.status,
+    label_requests.c.score.desc(),
+    label_requests.c.created_at,
+    label_requests.c.entry_id,
 )

@@ -1,7 +1,14 @@
-"""The labeling HTTP API: projects, labels, snapshots and the Label Studio webhook."""
+"""The labeling HTTP API: projects, labels, snapshots, the needs-label queue and the Label
+Studio webhook."""
 
-from flywheel_labeling.api import labels, labelstudio, projects, snapshots
+from flywheel_labeling.api import label_requests, labels, labelstudio, projects, snapshots
 
-routers = [projects.router, labels.router, snapshots.router, labelstudio.router]
+routers = [
+    projects.router,
+    labels.router,
+    snapshots.router,
+    label_requests.router,
+    labelstudio.router,
+]
 
 __all__ = ["routers"]

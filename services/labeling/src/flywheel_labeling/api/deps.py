@@ -13,7 +13,7 @@ from flywheel_labeling.errors import (
     WebhookDisabledError,
     WebhookSecretError,
 )
-from flywheel_labeling.service import LabelingService, ProjectService
+from flywheel_labeling.service import LabelingService, LabelRequestQueue, ProjectService
 from flywheel_labeling.settings import LabelingSettings
 from flywheel_runtime.auth import (
     CurrentPrincipal,
@@ -40,12 +40,18 @@ async def get_labeling(request: Request) -> LabelingService:
     return cast(LabelingService, request.app.state.labeling)
 
 
+async def get_label_requests(request: Request) -> LabelRequestQueue:
+    """The needs-label queue ``create_app`` put on the app's state."""
+    return cast(LabelRequestQueue, request.app.state.label_requests)
+
+
 async def get_settings(request: Request) -> LabelingSettings:
     return cast(LabelingSettings, request.app.state.settings)
 
 
 ProjectsDep = Annotated[ProjectService, Depends(get_projects)]
 LabelingDep = Annotated[LabelingService, Depends(get_labeling)]
+LabelRequestsDep = Annotated[LabelRequestQueue, Depends(get_label_requests)]
 SettingsDep = Annotated[LabelingSettings, Depends(get_settings)]
 
 Reader = CurrentPrincipal
@@ -56,6 +62,9 @@ Labeler = Annotated[Principal, Depends(require_roles("labeler"))]
 ProjectId = Annotated[str, Path(pattern=SLUG, description="Project id (slug).")]
 Cursor = Annotated[str | None, Query(max_length=200, description="Opaque cursor of the next page.")]
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+ImageSha256 = Annotated[
+    str, Path(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the image's bytes (hex).")
+]
 
 
 def _media_type(request: Request) -> str:

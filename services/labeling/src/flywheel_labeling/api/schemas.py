@@ -17,7 +17,15 @@ from pydantic import (
 
 from flywheel_contracts.datasets import ManifestEntry, SnapshotManifest
 from flywheel_labeling.images import decode_base64
-from flywheel_labeling.ports import Label, LabelFields, Project, SnapshotRecord, Status
+from flywheel_labeling.ports import (
+    Label,
+    LabelFields,
+    Project,
+    RequestedImage,
+    RequestStatus,
+    SnapshotRecord,
+    Status,
+)
 from flywheel_labeling.service import ItemResult, ProjectStats, SaveResult
 
 
@@ -229,6 +237,68 @@ class SnapshotOut(SnapshotRecord):
             split_counts=manifest.split_counts(),
             entries=manifest.entries,
         )
+
+
+class LabelRequestOut(BaseModel):
+    """One image of the needs-label queue, and the two ways to get its bytes."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    project_id: str
+    input_sha256: str
+    """SHA-256 of the image's bytes: a label saved for the same bytes answers the request."""
+    image_key: str
+    """Key of the image in the data bucket."""
+    image_uri: str
+    """``s3://<data bucket>/<image_key>``: what a ``labels:batch`` item takes as
+    ``image_uri`` to label this very image."""
+    image_url: str
+    """Path of this API that returns the image's bytes (with the same bearer token)."""
+    score: float
+    """How strongly the image stands for the drift; the queue shows the highest first."""
+    predicted_class: str | None
+    """The serving model's answer: a pre-label to confirm or correct."""
+    confidence: float | None
+    status: RequestStatus
+    reason: str
+    request_id: uuid.UUID
+    """The newest request that asked for this image."""
+    report_id: uuid.UUID | None
+    """The drift report behind that request."""
+    requested_at: datetime
+    created_at: datetime
+    """When the image joined the queue."""
+    updated_at: datetime
+    labeled_label_id: uuid.UUID | None
+    """The label that answered the request, once ``labeled``."""
+
+    @classmethod
+    def of(cls, entry: RequestedImage, bucket: str) -> LabelRequestOut:
+        return cls(
+            project_id=entry.project_id,
+            input_sha256=entry.input_sha256,
+            image_key=entry.image_key,
+            image_uri=f"s3://{bucket}/{entry.image_key}",
+            image_url=(
+                f"/v1/projects/{entry.project_id}/label-requests/{entry.input_sha256}/image"
+            ),
+            score=entry.score,
+            predicted_class=entry.predicted_class,
+            confidence=entry.confidence,
+            status=entry.status,
+            reason=entry.reason,
+            request_id=entry.request_id,
+            report_id=entry.report_id,
+            requested_at=entry.requested_at,
+            created_at=entry.created_at,
+            updated_at=entry.updated_at,
+            labeled_label_id=entry.labeled_label_id,
+        )
+
+
+class LabelRequestPage(BaseModel):
+    items: list[LabelRequestOut]
+    next_cursor: str | None
 
 
 ProjectOut = Project
