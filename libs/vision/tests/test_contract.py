@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -46,6 +47,36 @@ class Flat(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         scores: torch.Tensor = self.linear(pixels.flatten(1))
         return scores
+
+
+class FlatWithFeatures(nn.Module):
+    """``Flat`` with a hidden layer it also outputs, as its own ``features`` tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(3 * 32 * 32, 16)
+        self.linear = nn.Linear(16, 10)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.relu(self.hidden(pixels.flatten(1)))
+        return self.linear(features), features
+
+
+@functools.cache
+def _flat_with_features_onnx() -> bytes:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        FlatWithFeatures().eval(),
+        (torch.zeros(2, 3, 32, 32),),
+        input_names=["pixels"],
+        output_names=["scores", "features"],
+        dynamic_shapes={"pixels": {0: batch}},
+        dynamo=True,
+        verbose=False,
+    )
+    assert program is not None
+    serialized: bytes = program.model_proto.SerializeToString()
+    return serialized
 
 
 @functools.cache
@@ -145,6 +176,32 @@ def test_a_signature_must_agree_with_its_preprocessing() -> None:
         ModelSignature.model_validate(_signature(outputs=[{"name": "y", "shape": [10]}]))
 
 
+def test_an_embedding_is_optional_checked_and_renamed_by_canonical() -> None:
+    plain = ModelSignature.model_validate(_signature())
+    declared = ModelSignature.model_validate(
+        _signature(embedding={"name": "features", "shape": [-1, 16]})
+    )
+
+    assert plain.embedding is None
+    assert plain.embedding_size is None
+    assert "embedding" not in plain.model_dump_json()  # model.json stays as it was before
+    assert declared.embedding_size == 16
+    assert declared.canonical().embedding == declared.embedding.model_copy(  # type: ignore[union-attr]
+        update={"name": "embedding"}
+    )
+    assert ModelSignature.model_validate_json(declared.model_dump_json()) == declared
+    for shape in ([16], [-1, 0], [4, 16], [-1, 4, 4]):
+        with pytest.raises(ValueError, match=r"must have shape \[-1, size\]"):
+            ModelSignature.model_validate(_signature(embedding={"name": "f", "shape": shape}))
+    with pytest.raises(ValueError, match="tensor of its own"):
+        ModelSignature.model_validate(_signature(embedding={"name": "scores", "shape": [-1, 10]}))
+
+
+def test_the_reference_declares_its_embedding_and_old_versions_have_none() -> None:
+    assert reference_signature(10, embedding_size=64).embedding_size == 64
+    assert signature_or_reference(None, 10).embedding is None
+
+
 def test_versions_without_a_declaration_are_the_mnist_reference() -> None:
     signature = signature_or_reference(None, 7)
 
@@ -175,6 +232,46 @@ def test_outputs_are_read_and_the_tensors_renamed_to_the_serving_names(tmp_path:
     smoke_test(
         outputs, [_write(tmp_path / f"{i}.png", png) for i, png in enumerate(_digit_pngs(3))]
     )
+
+
+def test_a_declared_embedding_output_is_checked_and_renamed_to_embedding(tmp_path: Path) -> None:
+    embedding = {"name": "features", "shape": [-1, 16]}
+    folder = _leave(
+        tmp_path / "out",
+        onnx=_flat_with_features_onnx(),
+        model_json=_signature(embedding=embedding),
+    )
+
+    outputs = read_outputs(folder, CLASSES)
+
+    assert outputs.signature.embedding is not None
+    assert (outputs.signature.embedding.name, outputs.signature.embedding_size) == (
+        "embedding",
+        16,
+    )
+    graph = onnx.load_from_string(outputs.onnx).graph
+    assert [output.name for output in graph.output] == ["logits", "embedding"]
+    smoke_test(outputs, [_write(tmp_path / "0.png", _digit_pngs(1)[0])])
+
+
+@pytest.mark.parametrize(
+    ("onnx_of", "embedding", "message"),
+    [
+        ("features", None, "has 2 outputs; model.json declares 1 \\('scores'\\)"),
+        ("features", {"name": "hidden", "shape": [-1, 16]}, "has no output 'hidden'"),
+        ("features", {"name": "features", "shape": [-1, 32]}, "has 16 at dimension 1"),
+        ("flat", {"name": "features", "shape": [-1, 16]}, "has 1 outputs; model.json declares 2"),
+    ],
+)
+def test_an_embedding_that_does_not_match_the_onnx_is_refused(
+    tmp_path: Path, onnx_of: str, embedding: dict[str, object] | None, message: str
+) -> None:
+    onnx_bytes = _flat_with_features_onnx() if onnx_of == "features" else _flat_onnx()
+    declared = _signature(embedding=embedding) if embedding else _signature()
+    folder = _leave(tmp_path / "out", onnx=onnx_bytes, model_json=declared)
+
+    with pytest.raises(EntryPointOutputError, match=message):
+        read_outputs(folder, CLASSES)
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -2,6 +2,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
@@ -15,8 +16,8 @@ from flywheel_vision.export import (
     read_labels,
     triton_config,
 )
-from flywheel_vision.model import DigitNet
-from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME
+from flywheel_vision.model import EMBEDDING_SIZE, DigitNet
+from flywheel_vision.preprocess import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,47 @@ def test_export_has_named_tensors_and_a_dynamic_batch_dimension(
     graph = onnx.load_from_string(onnx_bytes).graph
 
     assert [i.name for i in graph.input] == [INPUT_NAME]
-    assert [o.name for o in graph.output] == [OUTPUT_NAME]
+    assert [o.name for o in graph.output] == [OUTPUT_NAME, EMBEDDING_NAME]
     input_dims = graph.input[0].type.tensor_type.shape.dim
     assert input_dims[0].dim_param  # symbolic: any batch size
     assert [d.dim_value for d in input_dims[1:]] == [1, 28, 28]
-    assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10
+    logits, embedding = (output.type.tensor_type.shape.dim for output in graph.output)
+    assert logits[0].dim_param
+    assert logits[1].dim_value == 10
+    assert embedding[0].dim_param
+    assert embedding[1].dim_value == EMBEDDING_SIZE
+
+
+def test_the_embedding_is_the_features_the_head_reads(exported: tuple[DigitNet, bytes]) -> None:
+    model, onnx_bytes = exported
+    images = mnist_dataset("test", 3).tensors[0]
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+
+    (embedding,) = session.run([EMBEDDING_NAME], {INPUT_NAME: images.numpy()})
+
+    with torch.inference_mode():
+        expected = model.features(images).numpy()
+    assert np.allclose(embedding, expected, atol=1e-5)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(28 * 28, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.layer(image.flatten(1))
+        return logits
+
+
+def test_a_model_is_exported_with_logits_only_when_asked_or_when_it_has_no_embedding() -> None:
+    plain = _Linear()
+
+    for onnx_bytes in (export_onnx(DigitNet(10), embedding=False), export_onnx(plain)):
+        outputs = [output.name for output in onnx.load_from_string(onnx_bytes).graph.output]
+        assert outputs == [OUTPUT_NAME]
+    with pytest.raises(ValueError, match="forward_with_embedding"):
+        export_onnx(plain, embedding=True)
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -195,6 +232,18 @@ def test_onnx_config_is_valid_triton_text_with_names_shapes_and_batching() -> No
     assert list(config.version_policy.specific.versions) == [1, 3]
 
 
+def test_an_embedding_size_declares_the_embedding_output_after_the_logits() -> None:
+    config = _parse(
+        triton_config("digits", num_classes=10, max_batch_size=8, embedding_size=EMBEDDING_SIZE)
+    )
+
+    assert [(output.name, list(output.dims)) for output in config.output] == [
+        (OUTPUT_NAME, [10]),
+        (EMBEDDING_NAME, [EMBEDDING_SIZE]),
+    ]
+    assert all(output.data_type == 11 for output in config.output)  # TYPE_FP32
+
+
 def test_python_backend_config_is_valid_triton_text_with_parameters() -> None:
     text = triton_config(
         "digits-py",
@@ -223,6 +272,7 @@ def test_python_backend_config_is_valid_triton_text_with_parameters() -> None:
         {"instance_kind": "KIND_TPU"},
         {"versions": []},
         {"parameters": {"key": 'quote " and \u00e9'}},
+        {"embedding_size": 0},
     ],
 )
 def test_config_refuses_values_triton_would_reject(bad: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 from minio import Minio
 from minio.deleteobjects import DeleteObject
@@ -23,8 +24,11 @@ from flywheel_runtime.storage import ObjectStorage
 from flywheel_testing.datasets import write_mnist_snapshot
 from flywheel_testing.mlflow_server import MlflowServer
 from flywheel_testing.s3 import S3Server
+from flywheel_vision.contract import read_signature
 from flywheel_vision.evaluate import evaluate
 from flywheel_vision.export import read_labels
+from flywheel_vision.model import EMBEDDING_SIZE
+from flywheel_vision.preprocess import EMBEDDING_NAME, OUTPUT_NAME
 from flywheel_vision.train import TrainConfig, TrainResult, resolve_version, train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -163,6 +167,12 @@ def test_training_registers_a_version_and_the_next_one_starts_from_the_champion(
     ]
     evaluation = evaluate(local / "model.onnx", test_samples, latency_images=10)
     assert evaluation.accuracy > 0.6
+    # The reference exports its 64-d features as the embedding, declared for serving.
+    declared = read_signature((local / "model.json").read_bytes())
+    assert declared.embedding_size == EMBEDDING_SIZE
+    assert 'name: "embedding"' in (local / "config.pbtxt").read_text()
+    session = ort.InferenceSession(str(local / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [output.name for output in session.get_outputs()] == [OUTPUT_NAME, EMBEDDING_NAME]
     if mlflow_server.artifacts_destination:
         bucket, _, prefix = mlflow_server.artifacts_destination.removeprefix("s3://").partition("/")
         s3 = Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel_clients.registry import CHALLENGER, CHAMPION, ModelFiles, ModelRegistry
 from flywheel_runtime.errors import InvalidInputError, NotFoundError
 from flywheel_runtime.storage import ObjectStorage
-from flywheel_vision.contract import signature_or_reference
+from flywheel_vision.contract import ModelSignature, signature_or_reference
 from flywheel_vision.export import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -47,6 +47,7 @@ __all__ = [
     "THREADS_PARAMETER",
     "ServingOptions",
     "build_model_repository",
+    "embedding_size",
     "input_dims",
     "python_backend_source",
     "render_config",
@@ -134,13 +135,20 @@ def build_model_repository(
     Each version folder gets ``model.onnx`` and ``labels.json`` (and ``model.py`` for the
     Python flavour); folders of versions not listed are removed. All versions must have the
     same number of classes, since one config declares the output shape for all of them; their
-    input shapes come from each version's ``model.json`` (``input_dims``).
+    input shapes come from each version's ``model.json`` (``input_dims``), and so does the
+    ``embedding`` output, declared when every version has one of the same size
+    (``embedding_size``).
     """
     validate_model_name(model_name)
     numbers = _version_numbers(model_name, versions)
     num_classes = _num_classes(model_name, versions)
     config = render_config(
-        model_name, num_classes, numbers, options, input_dims=input_dims(model_name, versions)
+        model_name,
+        num_classes,
+        numbers,
+        options,
+        input_dims=input_dims(model_name, versions),
+        embedding_size=embedding_size(model_name, versions),
     )
     model_dir = root / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +169,10 @@ def render_config(
     options: ServingOptions,
     *,
     input_dims: Sequence[int] = INPUT_SHAPE,
+    embedding_size: int | None = None,
 ) -> str:
-    """The ``config.pbtxt`` serving ``versions`` of ``model_name`` as ``options`` say."""
+    """The ``config.pbtxt`` serving ``versions`` of ``model_name`` as ``options`` say; with an
+    ``embedding_size`` it declares the ``embedding`` output beside ``logits``."""
     return triton_config(
         model_name,
         num_classes=num_classes,
@@ -179,6 +189,7 @@ def render_config(
             else None
         ),
         input_dims=input_dims,
+        embedding_size=embedding_size,
     )
 
 
@@ -189,21 +200,42 @@ def input_dims(model_name: str, versions: Sequence[ModelFiles]) -> tuple[int, ..
     model (28 x 28 grayscale champion, 32 x 32 RGB candidate) is served with variable
     dimensions, and each request carries its version's own shape.
     """
-    shapes = set()
-    for files in versions:
-        try:
-            signature = signature_or_reference(files.model_json, len(files.labels))
-        except InvalidInputError as error:
-            raise InvalidInputError(
-                f"version {files.version} has an invalid model.json: {error.message}",
-                details={"model": model_name, "version": files.version},
-            ) from error
-        shapes.add(signature.preprocessing.input_shape)
+    shapes = {
+        signature.preprocessing.input_shape for signature in _signatures(model_name, versions)
+    }
     if len(shapes) == 1:
         (shape,) = shapes
         return shape
     # One rank for all (channels, height, width); a dimension that differs becomes -1.
     return tuple(d[0] if len(set(d)) == 1 else -1 for d in zip(*shapes, strict=True))
+
+
+def embedding_size(model_name: str, versions: Sequence[ModelFiles]) -> int | None:
+    """Size of the ``embedding`` output the served versions share; None when one of them
+    declares none or they differ.
+
+    One config declares the outputs of every version, and a client asking for an output that
+    one version lacks would fail on that version only: the embedding is served when all have it.
+    """
+    sizes = {signature.embedding_size for signature in _signatures(model_name, versions)}
+    if len(sizes) != 1:
+        return None
+    (size,) = sizes
+    return size
+
+
+def _signatures(model_name: str, versions: Sequence[ModelFiles]) -> list[ModelSignature]:
+    """Each version's ``model.json`` (the reference signature for versions without one)."""
+    signatures = []
+    for files in versions:
+        try:
+            signatures.append(signature_or_reference(files.model_json, len(files.labels)))
+        except InvalidInputError as error:
+            raise InvalidInputError(
+                f"version {files.version} has an invalid model.json: {error.message}",
+                details={"model": model_name, "version": files.version},
+            ) from error
+    return signatures
 
 
 async def sync_from_registry(

@@ -61,7 +61,7 @@ from flywheel_serving.repository import (
     render_config,
 )
 from flywheel_serving.triton import TritonControl
-from flywheel_vision.contract import signature_or_reference
+from flywheel_vision.contract import ModelSignature, signature_or_reference
 from flywheel_vision.export import LABELS_FILE, ONNX_FILE, labels_json
 from flywheel_vision.preprocess import (
     INPUT_NAME,
@@ -257,6 +257,8 @@ class TuningResult(BaseModel):
     model_name: str
     version: str
     num_classes: int
+    embedding_size: int | None = None
+    """Size of the ``embedding`` output the version declares; None when it declares none."""
     hardware: str
     constraints: Constraints
     grid: TuningGrid
@@ -426,9 +428,14 @@ def _tensors(
     return [preprocess(image, spec)[np.newaxis] for image in images]
 
 
+def serving_signature(files: ModelFiles) -> ModelSignature:
+    """What ``files`` declare (``model.json``), the MNIST reference when they declare nothing."""
+    return signature_or_reference(files.model_json, len(files.labels))
+
+
 def serving_spec(files: ModelFiles) -> PreprocessSpec:
     """The preprocessing ``files`` declare (``model.json``), MNIST's when they declare none."""
-    return signature_or_reference(files.model_json, len(files.labels)).preprocessing
+    return serving_signature(files).preprocessing
 
 
 async def _warm_up(
@@ -562,7 +569,9 @@ class _Candidates:
     ) -> None:
         self._control = control
         self._files = files
-        self._spec = serving_spec(files)
+        signature = serving_signature(files)
+        self._spec = signature.preprocessing
+        self._embedding_size = signature.embedding_size
         self._base = base
         self._probe = memory_probe
         self._timeout = timeout
@@ -579,7 +588,12 @@ class _Candidates:
         name = f"{self._prefix}-{self._count}"
         options = config.apply(self._base)
         pbtxt = render_config(
-            name, len(self._files.labels), [1], options, input_dims=self._spec.input_shape
+            name,
+            len(self._files.labels),
+            [1],
+            options,
+            input_dims=self._spec.input_shape,
+            embedding_size=self._embedding_size,
         )
         payload = {
             f"file:1/{ONNX_FILE}": self._files.onnx,
@@ -739,6 +753,7 @@ async def tune(
         model_name=files.name,
         version=files.version,
         num_classes=len(files.labels),
+        embedding_size=serving_signature(files).embedding_size,
         hardware=described,
         constraints=constraints,
         grid=grid,
@@ -969,7 +984,13 @@ def golden_pbtxt(result: TuningResult) -> str:
     if result.golden is None:
         raise InvalidInputError("no configuration met the constraints; there is no golden one")
     options = result.golden.config.apply(result.base)
-    return render_config(result.model_name, result.num_classes, [int(result.version)], options)
+    return render_config(
+        result.model_name,
+        result.num_classes,
+        [int(result.version)],
+        options,
+        embedding_size=result.embedding_size,
+    )
 
 
 async def log_golden(registry: ModelRegistry, result: TuningResult) -> str:

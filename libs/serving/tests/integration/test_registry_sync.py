@@ -48,7 +48,7 @@ async def control(triton_server: TritonServer) -> AsyncIterator[TritonControl]:
 
 
 def _register(uri: str, tmp_path: Path, files: ModelFiles) -> str:
-    """A version whose source is a run's ``model/`` folder holding model.onnx and labels.json."""
+    """A version whose source is a run's ``model/`` folder: model.onnx, labels.json, model.json."""
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(files.name)
     experiment_id = (
@@ -59,6 +59,8 @@ def _register(uri: str, tmp_path: Path, files: ModelFiles) -> str:
     folder.mkdir()
     (folder / "model.onnx").write_bytes(files.onnx)
     (folder / "labels.json").write_bytes(labels_json(files.labels))
+    if files.model_json is not None:
+        (folder / "model.json").write_bytes(files.model_json)
     client.log_artifacts(run.info.run_id, str(folder), artifact_path="model")
     client.set_terminated(run.info.run_id)
     if not client.search_registered_models(f"name = '{files.name}'"):
@@ -117,6 +119,8 @@ async def test_sync_serves_champion_and_challenger_from_one_server(
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "3", "config.pbtxt"]
     assert (model_dir / "3" / "model.onnx").read_bytes() == digit_onnx(13)
     assert "specific { versions: [ 1, 3 ] }" in (model_dir / "config.pbtxt").read_text()
+    # Both versions declare the embedding in their model.json, so the config serves it.
+    assert 'name: "embedding"' in (model_dir / "config.pbtxt").read_text()
     assert np.allclose(champion, _onnxruntime(11), atol=1e-5)
     assert np.allclose(challenger, _onnxruntime(13), atol=1e-5)
 

@@ -21,7 +21,8 @@ from flywheel_serving.triton import TritonControl, TritonServer
 from flywheel_testing.net import free_ports
 from flywheel_testing.serving import digit_model_files, digit_onnx
 from flywheel_testing.wait import wait_for, wait_until
-from flywheel_vision.preprocess import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+from flywheel_vision.model import EMBEDDING_SIZE
+from flywheel_vision.preprocess import EMBEDDING_NAME, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +72,24 @@ async def _infer(
     return np.asarray(logits)
 
 
+async def _infer_outputs(
+    client: http_aio.InferenceServerClient,
+    model: str,
+    version: str,
+    images: npt.NDArray[np.float32],
+    outputs: list[str],
+) -> dict[str, npt.NDArray[np.float32] | None]:
+    tensor = InferInput(INPUT_NAME, list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    result = await client.infer(
+        model,
+        [tensor],
+        model_version=version,
+        outputs=[InferRequestedOutput(name, binary_data=True) for name in outputs],
+    )
+    return {name: result.as_numpy(name) for name in outputs}
+
+
 def _versions(name: str, seeds: dict[str, int]) -> list[ModelFiles]:
     return [digit_model_files(name, version, seed) for version, seed in seeds.items()]
 
@@ -94,6 +113,57 @@ async def test_two_versions_are_served_side_by_side_as_onnxruntime_computes_them
     assert np.allclose(first, _expected(1, images), atol=1e-5)
     assert np.allclose(second, _expected(2, images), atol=1e-5)
     assert not np.allclose(first, second, atol=1e-3)
+
+
+async def test_a_request_for_logits_and_embedding_gets_both_from_the_version_it_names(
+    triton_server: TritonServer, control: TritonControl, model_name: str
+) -> None:
+    model_dir = build_model_repository(
+        triton_server.repository, model_name, _versions(model_name, {"1": 1, "2": 2}), PYTHON
+    )
+    images = _images(4)
+    session = ort.InferenceSession(digit_onnx(2), providers=["CPUExecutionProvider"])
+    logits, embedding = session.run([OUTPUT_NAME, EMBEDDING_NAME], {INPUT_NAME: images})
+
+    await control.load(model_name)
+    async with http_aio.InferenceServerClient(triton_server.http_url) as client:
+        both = await _infer_outputs(client, model_name, "2", images, [OUTPUT_NAME, EMBEDDING_NAME])
+        only_logits = await _infer_outputs(client, model_name, "1", images[:1], [OUTPUT_NAME])
+        metadata = await client.get_model_metadata(model_name, model_version="2")
+
+    assert 'name: "embedding"' in (model_dir / "config.pbtxt").read_text()
+    assert {output["name"] for output in metadata["outputs"]} == {OUTPUT_NAME, EMBEDDING_NAME}
+    assert both[OUTPUT_NAME] is not None
+    assert both[EMBEDDING_NAME] is not None
+    assert both[OUTPUT_NAME].shape == (4, 10)
+    assert both[EMBEDDING_NAME].shape == (4, EMBEDDING_SIZE)
+    assert np.allclose(both[OUTPUT_NAME], logits, atol=1e-5)
+    assert np.allclose(both[EMBEDDING_NAME], embedding, atol=1e-5)
+    assert only_logits[OUTPUT_NAME] is not None
+    assert only_logits[OUTPUT_NAME].shape == (1, 10)
+
+
+async def test_a_model_without_embedding_is_served_without_that_output(
+    triton_server: TritonServer, control: TritonControl, model_name: str
+) -> None:
+    # A version of before embeddings beside one with: the config declares logits only.
+    versions = [
+        digit_model_files(model_name, "1", seed=1, embedding=False),
+        digit_model_files(model_name, "2", seed=2),
+    ]
+    model_dir = build_model_repository(triton_server.repository, model_name, versions, PYTHON)
+    images = _images(3)
+
+    await control.load(model_name)
+    async with http_aio.InferenceServerClient(triton_server.http_url) as client:
+        first = await _infer(client, model_name, "1", images)
+        second = await _infer(client, model_name, "2", images)
+        metadata = await client.get_model_metadata(model_name, model_version="1")
+
+    assert "embedding" not in (model_dir / "config.pbtxt").read_text()
+    assert [output["name"] for output in metadata["outputs"]] == [OUTPUT_NAME]
+    assert np.allclose(first, _expected(1, images), atol=1e-5)
+    assert np.allclose(second, _expected(2, images), atol=1e-5)
 
 
 async def test_concurrent_requests_of_any_size_each_get_their_own_rows(

@@ -14,7 +14,8 @@ import pytest
 
 from flywheel_serving.repository import ServingOptions, build_model_repository
 from flywheel_testing.serving import digit_model_files, digit_onnx
-from flywheel_vision.preprocess import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+from flywheel_vision.model import EMBEDDING_SIZE
+from flywheel_vision.preprocess import EMBEDDING_NAME, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 
 
 class FakeTensor:
@@ -29,6 +30,17 @@ class FakeTensor:
 class FakeError:
     def __init__(self, message: str) -> None:
         self.message = message
+
+
+class FakeRequest(dict[str, FakeTensor]):
+    """A request: its input tensors by name, and the outputs it asks for."""
+
+    def __init__(self, inputs: dict[str, FakeTensor], outputs: tuple[str, ...] = ()) -> None:
+        super().__init__(inputs)
+        self.outputs = outputs
+
+    def requested_output_names(self) -> list[str]:
+        return list(self.outputs)
 
 
 class FakeResponse:
@@ -48,13 +60,13 @@ def _fake_pb_utils() -> types.ModuleType:
     return module
 
 
-def _load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def _load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, embedding: bool = True) -> Any:
     """``model.py`` as Triton's stub runs it: from a version folder, with its model config."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     model_dir = build_model_repository(
         tmp_path,
         "digits",
-        [digit_model_files("digits", "4", seed=4)],
+        [digit_model_files("digits", "4", seed=4, embedding=embedding)],
         ServingOptions(flavour="python"),
     )
     spec = importlib.util.spec_from_file_location("served_model", model_dir / "4" / "model.py")
@@ -63,10 +75,15 @@ def _load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     instance = module.TritonPythonModel()
+    outputs = [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": ["10"]}]
+    if embedding:
+        outputs.append(
+            {"name": EMBEDDING_NAME, "data_type": "TYPE_FP32", "dims": [str(EMBEDDING_SIZE)]}
+        )
     config = {  # Triton hands the config over as JSON, 64-bit numbers as strings
         "name": "digits",
         "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": ["1", "28", "28"]}],
-        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": ["10"]}],
+        "output": outputs,
         "parameters": {"intra_op_threads": {"string_value": "1"}},
     }
     instance.initialize(
@@ -93,8 +110,10 @@ def _faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: dict[str, A
     monkeypatch.setenv("FLYWHEEL_SERVING_FAULTS", str(path))
 
 
-def _request(batch: npt.NDArray[np.float32]) -> dict[str, FakeTensor]:
-    return {INPUT_NAME: FakeTensor(INPUT_NAME, batch)}
+def _request(
+    batch: npt.NDArray[np.float32], outputs: tuple[str, ...] = (OUTPUT_NAME,)
+) -> FakeRequest:
+    return FakeRequest({INPUT_NAME: FakeTensor(INPUT_NAME, batch)}, outputs)
 
 
 def test_requests_run_as_one_batch_and_each_gets_its_own_rows_back(model: Any) -> None:
@@ -125,7 +144,7 @@ def test_a_bad_request_gets_an_error_and_the_others_their_answers(model: Any) ->
     good = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
     wrong_shape = np.zeros((1, 1, 28, 27), dtype=np.float32)
 
-    responses = model.execute([{}, _request(good), _request(wrong_shape)])
+    responses = model.execute([FakeRequest({}), _request(good), _request(wrong_shape)])
 
     assert "input 'image' is missing" in responses[0].error.message
     assert responses[1].error is None
@@ -194,3 +213,47 @@ def test_versions_the_fault_file_does_not_name_serve_normally(
 
     assert model._delay_s == 0
     assert np.allclose(response.output_tensors[0].array, _reference(batch), atol=1e-5)
+
+
+def test_each_request_gets_the_outputs_it_asked_for_from_one_run(model: Any) -> None:
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((n, *INPUT_SHAPE)).astype(np.float32) for n in (2, 1, 3)]
+    asked = [(OUTPUT_NAME, EMBEDDING_NAME), (OUTPUT_NAME,), (EMBEDDING_NAME,)]
+    session = ort.InferenceSession(digit_onnx(4), providers=["CPUExecutionProvider"])
+
+    responses = model.execute(
+        [_request(batch, outputs) for batch, outputs in zip(batches, asked, strict=True)]
+    )
+
+    for batch, outputs, response in zip(batches, asked, responses, strict=True):
+        assert response.error is None
+        assert tuple(tensor.name for tensor in response.output_tensors) == outputs
+        expected = dict(
+            zip(
+                (OUTPUT_NAME, EMBEDDING_NAME),
+                session.run([OUTPUT_NAME, EMBEDDING_NAME], {INPUT_NAME: batch}),
+                strict=True,
+            )
+        )
+        for tensor in response.output_tensors:
+            assert tensor.array.dtype == np.float32
+            assert np.allclose(tensor.array, expected[tensor.name], atol=1e-5)
+    assert responses[0].output_tensors[1].array.shape == (2, EMBEDDING_SIZE)
+
+
+def test_a_request_naming_no_output_gets_every_output_of_the_config(model: Any) -> None:
+    [response] = model.execute([_request(np.zeros((1, *INPUT_SHAPE), np.float32), ())])
+
+    assert [tensor.name for tensor in response.output_tensors] == [OUTPUT_NAME, EMBEDDING_NAME]
+
+
+def test_a_model_without_embedding_answers_its_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _load(tmp_path, monkeypatch, embedding=False)
+    batch = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
+
+    [response] = model.execute([_request(batch, (OUTPUT_NAME, EMBEDDING_NAME))])
+
+    assert [tensor.name for tensor in response.output_tensors] == [OUTPUT_NAME]
+    assert response.output_tensors[0].array.shape == (2, 10)

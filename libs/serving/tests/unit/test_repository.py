@@ -154,7 +154,9 @@ def test_s3_uris_are_spelled_the_way_triton_reads_them() -> None:
     assert triton_s3_uri("models", "", endpoint="s3.amazonaws.com") == "s3://models"
 
 
-def _declared(version: str, height: int, channels: int) -> ModelFiles:
+def _declared(
+    version: str, height: int, channels: int, *, embedding: int | None = None
+) -> ModelFiles:
     signature = ModelSignature(
         inputs=(TensorSpec(name="image", shape=(-1, channels, height, height)),),
         outputs=(TensorSpec(name="logits", shape=(-1, 10)),),
@@ -165,6 +167,9 @@ def _declared(version: str, height: int, channels: int) -> ModelFiles:
             mean=(0.5,) * channels,
             std=(0.5,) * channels,
         ),
+        embedding=None
+        if embedding is None
+        else TensorSpec(name="embedding", shape=(-1, embedding)),
     )
     return _files(version).model_copy(update={"model_json": signature.model_dump_json().encode()})
 
@@ -185,3 +190,22 @@ def test_the_input_shape_is_the_declared_one_and_variable_where_versions_differ(
     broken = _files("3").model_copy(update={"model_json": b"{}"})
     with pytest.raises(InvalidInputError, match="version 3 has an invalid model"):
         build_model_repository(tmp_path / "d", "digits", [broken], PYTHON)
+
+
+def test_the_embedding_output_is_declared_only_when_every_version_has_one_of_one_size(
+    tmp_path: Path,
+) -> None:
+    def config(*versions: ModelFiles) -> str:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        return (
+            build_model_repository(folder, "digits", versions, PYTHON) / "config.pbtxt"
+        ).read_text()
+
+    both = config(_declared("1", 28, 1, embedding=64), _declared("2", 32, 3, embedding=64))
+    one_without = config(_files("1"), _declared("2", 28, 1, embedding=64))
+    sizes_differ = config(_declared("1", 28, 1, embedding=64), _declared("2", 28, 1, embedding=32))
+
+    assert 'dims: [ 10 ]\n  },\n  {\n    name: "embedding"' in both
+    assert "dims: [ 64 ]" in both
+    assert "embedding" not in one_without
+    assert "embedding" not in sizes_differ

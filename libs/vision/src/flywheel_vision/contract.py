@@ -19,12 +19,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from flywheel_runtime.errors import InvalidInputError
 from flywheel_vision.preprocess import (
+    EMBEDDING_NAME,
     INPUT_NAME,
     MNIST_PREPROCESS,
     OUTPUT_NAME,
@@ -92,8 +102,10 @@ class TensorSpec(BaseModel):
 class ModelSignature(BaseModel):
     """``model.json``: what the model takes, what it gives, and how images are prepared for it.
 
-    One input ``[-1, C, H, W]`` whose ``C, H, W`` are the preprocessing's, and one output
-    ``[-1, K]`` of unnormalised scores for the ``K`` classes, in ``labels.json`` order.
+    One input ``[-1, C, H, W]`` whose ``C, H, W`` are the preprocessing's, one output
+    ``[-1, K]`` of unnormalised scores for the ``K`` classes, in ``labels.json`` order, and
+    optionally a second output ``[-1, D]``: the model's embedding (its penultimate layer), which
+    drift checks compare between production and the held-out data.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -105,11 +117,14 @@ class ModelSignature(BaseModel):
     inputs: tuple[TensorSpec] = Field(min_length=1, max_length=1)
     outputs: tuple[TensorSpec] = Field(min_length=1, max_length=1)
     preprocessing: PreprocessSpec
+    embedding: TensorSpec | None = None
+    """The model's embedding output ``[-1, D]``, when it exports one besides the scores."""
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> Self:
         (image,) = self.inputs
         (scores,) = self.outputs
+        embedding = self.embedding
         expected = (-1, *self.preprocessing.input_shape)
         if image.shape != expected:
             raise ValueError(
@@ -121,7 +136,27 @@ class ModelSignature(BaseModel):
                 f"output {scores.name!r} must have shape [-1, number of classes], "
                 f"not {list(scores.shape)}"
             )
+        if embedding is not None:
+            if len(embedding.shape) != 2 or embedding.shape[0] != -1 or embedding.shape[1] < 1:
+                raise ValueError(
+                    f"embedding {embedding.name!r} must have shape [-1, size], "
+                    f"not {list(embedding.shape)}"
+                )
+            if embedding.name in (image.name, scores.name):
+                raise ValueError(
+                    f"embedding {embedding.name!r} must be a tensor of its own, not the "
+                    "input or the scores"
+                )
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_embedding(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A model without an embedding keeps the model.json it had before embeddings existed,
+        # which readers that do not know the field still accept.
+        data: dict[str, Any] = handler(self)
+        if data.get("embedding") is None:
+            data.pop("embedding", None)
+        return data
 
     @property
     def num_classes(self) -> int:
@@ -135,25 +170,41 @@ class ModelSignature(BaseModel):
     def output(self) -> TensorSpec:
         return self.outputs[0]
 
+    @property
+    def embedding_size(self) -> int | None:
+        """``D`` of the declared embedding output; None when the model declares none."""
+        return None if self.embedding is None else self.embedding.shape[1]
+
     def canonical(self) -> ModelSignature:
-        """The same signature with the tensor names serving uses (``image`` → ``logits``)."""
-        return self.model_copy(
-            update={
-                "inputs": (self.input.model_copy(update={"name": INPUT_NAME}),),
-                "outputs": (self.output.model_copy(update={"name": OUTPUT_NAME}),),
-            }
-        )
+        """The same signature with the tensor names serving uses (``image`` → ``logits``, and
+        ``embedding`` when declared)."""
+        update: dict[str, object] = {
+            "inputs": (self.input.model_copy(update={"name": INPUT_NAME}),),
+            "outputs": (self.output.model_copy(update={"name": OUTPUT_NAME}),),
+        }
+        if self.embedding is not None:
+            update["embedding"] = self.embedding.model_copy(update={"name": EMBEDDING_NAME})
+        return self.model_copy(update=update)
 
 
 def reference_signature(
-    num_classes: int, *, architecture: str | None = "DigitNet"
+    num_classes: int,
+    *,
+    architecture: str | None = "DigitNet",
+    embedding_size: int | None = None,
 ) -> ModelSignature:
-    """The signature of the MNIST reference model (and of versions that carry none)."""
+    """The signature of the MNIST reference model (and, without an embedding, of versions that
+    carry none)."""
     return ModelSignature(
         architecture=architecture,
         inputs=(TensorSpec(name=INPUT_NAME, shape=(-1, *MNIST_PREPROCESS.input_shape)),),
         outputs=(TensorSpec(name=OUTPUT_NAME, shape=(-1, num_classes)),),
         preprocessing=MNIST_PREPROCESS,
+        embedding=(
+            None
+            if embedding_size is None
+            else TensorSpec(name=EMBEDDING_NAME, shape=(-1, embedding_size))
+        ),
     )
 
 

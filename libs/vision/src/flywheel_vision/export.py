@@ -1,9 +1,10 @@
 """ONNX export, parity check and Triton ``config.pbtxt``: what a trained model ships with.
 
 The exported graph has a dynamic batch dimension, so Triton's dynamic batcher can stack single
-requests, and its input and output carry the names from ``preprocess`` that the serving side
-uses. ``check_parity`` runs the export on onnxruntime against the PyTorch model before anything
-is registered: an export that changed the maths must never reach a canary.
+requests, and its input and outputs carry the names from ``preprocess`` that the serving side
+uses: ``logits``, and ``embedding`` for a model that gives one (``EmbeddingModel``, as
+``DigitNet`` does). ``check_parity`` runs the export on onnxruntime against the PyTorch model
+before anything is registered: an export that changed the maths must never reach a canary.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal
+from typing import Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,7 @@ from torch import nn
 
 from flywheel_vision.contract import CONFIG_FILE, LABELS_FILE, ONNX_FILE, STATE_DICT_FILE
 from flywheel_vision.ddp import unwrap
-from flywheel_vision.preprocess import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+from flywheel_vision.preprocess import EMBEDDING_NAME, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 
 __all__ = [
     "CONFIG_FILE",
@@ -31,6 +32,7 @@ __all__ = [
     "ONNX_FILE",
     "PARITY_TOLERANCE",
     "STATE_DICT_FILE",
+    "EmbeddingModel",
     "ParityError",
     "TritonFlavour",
     "check_parity",
@@ -59,25 +61,58 @@ class ParityError(RuntimeError):
     """The ONNX export and the PyTorch model disagree beyond the tolerance."""
 
 
+@runtime_checkable
+class EmbeddingModel(Protocol):
+    """A model that also gives its embedding (penultimate activations) with the logits."""
+
+    def forward_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, K], embedding [N, D])`` of a batch of images."""
+        ...
+
+
+class _WithEmbedding(nn.Module):
+    """Exports an ``EmbeddingModel`` with both outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Named like the ONNX input, as ``DigitNet.forward``'s argument.
+        model: EmbeddingModel = self.model  # type: ignore[assignment]
+        return model.forward_with_embedding(image)
+
+
 def export_onnx(
-    model: nn.Module, *, opset: int = OPSET, input_shape: Sequence[int] = INPUT_SHAPE
+    model: nn.Module,
+    *,
+    opset: int = OPSET,
+    input_shape: Sequence[int] = INPUT_SHAPE,
+    embedding: bool | None = None,
 ) -> bytes:
     """Export ``model`` (plain or DDP-wrapped) to ONNX bytes with a dynamic batch dimension.
 
     ``input_shape`` is one image's ``(channels, height, width)``. A CPU copy in eval mode is
-    exported, so the caller's model keeps its device and mode.
+    exported, so the caller's model keeps its device and mode. The graph's output is
+    ``logits``; a model that is an ``EmbeddingModel`` gets a second output ``embedding``
+    unless ``embedding=False`` (``embedding=True`` for a model that is not one is an error).
     """
     plain = copy.deepcopy(unwrap(model)).cpu().eval()
+    has_embedding = isinstance(plain, EmbeddingModel)
+    if embedding and not has_embedding:
+        raise ValueError(f"{type(plain).__name__} has no forward_with_embedding to export")
+    with_embedding = has_embedding if embedding is None else embedding
+    exported = _WithEmbedding(plain).eval() if with_embedding else plain
     sample = torch.zeros((2, *input_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         # torch.export's own pytree internals trip a deprecation of torch's; nothing of ours.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(
-            plain,
+            exported,
             (sample,),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[OUTPUT_NAME, EMBEDDING_NAME] if with_embedding else [OUTPUT_NAME],
             dynamic_shapes={INPUT_NAME: {0: batch}},
             opset_version=opset,
             dynamo=True,
@@ -96,22 +131,34 @@ def check_parity(
     *,
     tolerance: float = PARITY_TOLERANCE,
 ) -> float:
-    """Largest absolute difference of the logits of ``model`` and the ONNX on ``sample``.
+    """Largest absolute difference of the outputs of ``model`` and the ONNX on ``sample``.
 
-    ``sample`` is a preprocessed batch ``[N, 1, 28, 28]``. Raises ``ParityError`` above
+    ``sample`` is a preprocessed batch ``[N, 1, 28, 28]``. The logits are compared, and the
+    embedding too when the ONNX has one and the model gives one. Raises ``ParityError`` above
     ``tolerance`` or when the shapes differ.
     """
     batch = sample.detach().cpu().numpy() if isinstance(sample, torch.Tensor) else sample
     batch = np.ascontiguousarray(batch, dtype=np.float32)
     plain = copy.deepcopy(unwrap(model)).cpu().eval()
-    with torch.inference_mode():
-        expected = plain(torch.from_numpy(batch.copy())).numpy()
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-    actual = np.asarray(actual)
-    if actual.shape != expected.shape:
-        raise ParityError(f"ONNX output shape {actual.shape} != PyTorch {expected.shape}")
-    difference = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    names = [OUTPUT_NAME]
+    with torch.inference_mode():
+        images = torch.from_numpy(batch.copy())
+        if isinstance(plain, EmbeddingModel) and EMBEDDING_NAME in {
+            output.name for output in session.get_outputs()
+        }:
+            names.append(EMBEDDING_NAME)
+            expected = [tensor.numpy() for tensor in plain.forward_with_embedding(images)]
+        else:
+            expected = [plain(images).numpy()]
+    actual = session.run(names, {INPUT_NAME: batch})
+    difference = 0.0
+    for name, got, wanted in zip(names, actual, expected, strict=True):
+        got = np.asarray(got)
+        if got.shape != wanted.shape:
+            raise ParityError(f"ONNX {name} shape {got.shape} != PyTorch {wanted.shape}")
+        if wanted.size:
+            difference = max(difference, float(np.max(np.abs(got - wanted))))
     if not difference <= tolerance:
         raise ParityError(f"ONNX differs from PyTorch by {difference:.3g} > {tolerance:.3g}")
     return difference
@@ -155,6 +202,7 @@ def triton_config(
     versions: Sequence[int] | None = None,
     parameters: Mapping[str, str] | None = None,
     input_dims: Sequence[int] = INPUT_SHAPE,
+    embedding_size: int | None = None,
 ) -> str:
     """A Triton ``config.pbtxt`` for the exported model.
 
@@ -165,7 +213,8 @@ def triton_config(
     serves the latest one. Dynamic batching is always on; ``preferred_batch_sizes`` and
     ``max_queue_delay_microseconds`` tune how long it waits to fill a batch. ``input_dims`` is
     one image's shape as the model declares it (``-1`` for a dimension that varies between
-    the versions served together).
+    the versions served together). ``embedding_size`` declares the second output
+    ``embedding`` (dims ``[embedding_size]``), for models that all export one of that size.
     """
     if not _SAFE_NAME.match(name):
         raise ValueError(f"model name {name!r} must match {_SAFE_NAME.pattern}")
@@ -181,6 +230,8 @@ def triton_config(
         raise ValueError("versions must be a non-empty list of numbers >= 1")
     if not input_dims or any(d < 1 and d != -1 for d in input_dims):
         raise ValueError("input dims must be positive, or -1 for a variable dimension")
+    if embedding_size is not None and embedding_size < 1:
+        raise ValueError("embedding_size must be >= 1")
 
     lines = [f"name: {_quoted(name)}"]
     if platform == "onnxruntime_onnx":
@@ -203,7 +254,17 @@ def triton_config(
         f"    name: {_quoted(OUTPUT_NAME)}",
         "    data_type: TYPE_FP32",
         f"    dims: {_ints([num_classes])}",
-        "  }",
+        "  }" if embedding_size is None else "  },",
+    ]
+    if embedding_size is not None:
+        lines += [
+            "  {",
+            f"    name: {_quoted(EMBEDDING_NAME)}",
+            "    data_type: TYPE_FP32",
+            f"    dims: {_ints([embedding_size])}",
+            "  }",
+        ]
+    lines += [
         "]",
         "dynamic_batching {",
     ]

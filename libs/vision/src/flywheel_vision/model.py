@@ -14,14 +14,21 @@ from typing import Final
 import torch
 from torch import nn
 
-__all__ = ["HEAD_PREFIX", "DigitNet", "load_compatible"]
+__all__ = ["EMBEDDING_SIZE", "HEAD_PREFIX", "DigitNet", "load_compatible"]
 
 HEAD_PREFIX: Final = "head."
 """State-dict prefix of the classification layer, the only part tied to the class list."""
 
+EMBEDDING_SIZE: Final = 64
+"""Width of the penultimate activations (``features``' output), exported as the embedding."""
+
 
 class DigitNet(nn.Module):
-    """``[N, 1, 28, 28]`` normalised images → ``[N, num_classes]`` logits."""
+    """``[N, 1, 28, 28]`` normalised images → ``[N, num_classes]`` logits.
+
+    ``forward_with_embedding`` also gives the ``[N, 64]`` features the head reads: the
+    embedding the ONNX export carries beside the logits for drift checks.
+    """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -36,15 +43,21 @@ class DigitNet(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 64),
+            nn.Linear(32 * 7 * 7, EMBEDDING_SIZE),
             nn.ReLU(),
         )
-        self.head = nn.Linear(64, num_classes)
+        self.head = nn.Linear(EMBEDDING_SIZE, num_classes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # The argument is named like the ONNX input, so export can address it by name.
         logits: torch.Tensor = self.head(self.features(image))
         return logits
+
+    def forward_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the embedding they were computed from, in one pass."""
+        embedding: torch.Tensor = self.features(image)
+        logits: torch.Tensor = self.head(embedding)
+        return logits, embedding
 
 
 def load_compatible(

@@ -30,9 +30,10 @@ from flywheel_vision.contract import (
     STATE_DICT_FILE,
     EntryPointOutputError,
     ModelSignature,
+    TensorSpec,
     read_signature,
 )
-from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME, preprocess_batch
+from flywheel_vision.preprocess import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, preprocess_batch
 
 __all__ = ["ModelOutputs", "read_outputs", "smoke_test"]
 
@@ -67,7 +68,8 @@ def read_outputs(output_dir: Path, classes: Sequence[str]) -> ModelOutputs:
     """Read and check what the entry point left; ``EntryPointOutputError`` names the file.
 
     The ONNX graph must load in onnxruntime with one float32 input and one float32 output that
-    match ``model.json``, a dynamic batch dimension, and one output per class.
+    match ``model.json``, a dynamic batch dimension, and one output per class; and, when
+    ``model.json`` declares an embedding, a second float32 output ``[-1, D]`` of that name.
     """
     signature = read_signature(_required(output_dir, SIGNATURE_FILE))
     if signature.num_classes != len(classes):
@@ -100,31 +102,40 @@ def read_outputs(output_dir: Path, classes: Sequence[str]) -> ModelOutputs:
 
 
 def smoke_test(outputs: ModelOutputs, images: Sequence[Path]) -> None:
-    """Run the model on a few images, preprocessed as declared: one finite score per class."""
+    """Run the model on a few images, preprocessed as declared: one finite score per class
+    (and a finite embedding of the declared size, when one is declared)."""
     chosen = [path.read_bytes() for path in images[:_SMOKE_IMAGES]]
     if not chosen:
         return
     batch = preprocess_batch(chosen, outputs.signature.preprocessing)
     session = ort.InferenceSession(outputs.onnx, providers=["CPUExecutionProvider"])
+    names = [OUTPUT_NAME]
+    if outputs.signature.embedding_size is not None:
+        names.append(EMBEDDING_NAME)
     try:
-        (scores,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        scores, *embedding = session.run(names, {INPUT_NAME: batch})
     except Exception as error:  # onnxruntime's own exception types derive from Exception
         raise EntryPointOutputError(
             f"{ONNX_FILE} does not run on images preprocessed as {SIGNATURE_FILE} declares: "
             f"{' '.join(str(error).split())[:300]}",
             details={"file": ONNX_FILE},
         ) from error
-    array: npt.NDArray[np.float32] = np.asarray(scores)
-    expected = (len(chosen), outputs.signature.num_classes)
+    _check_answer("scores", scores, (len(chosen), outputs.signature.num_classes))
+    if embedding and outputs.signature.embedding_size is not None:
+        _check_answer("embeddings", embedding[0], (len(chosen), outputs.signature.embedding_size))
+
+
+def _check_answer(what: str, answer: object, expected: tuple[int, int]) -> None:
+    array: npt.NDArray[np.float32] = np.asarray(answer)
     if array.shape != expected:
         raise EntryPointOutputError(
-            f"{ONNX_FILE} answered shape {list(array.shape)} for {len(chosen)} images; "
-            f"expected {list(expected)}",
+            f"{ONNX_FILE} answered {what} of shape {list(array.shape)} for {expected[0]} "
+            f"images; expected {list(expected)}",
             details={"file": ONNX_FILE},
         )
     if not np.all(np.isfinite(array)):
         raise EntryPointOutputError(
-            f"{ONNX_FILE} answered non-finite scores", details={"file": ONNX_FILE}
+            f"{ONNX_FILE} answered non-finite {what}", details={"file": ONNX_FILE}
         )
 
 
@@ -149,61 +160,80 @@ def _check_onnx(data: bytes, signature: ModelSignature) -> bytes:
             details={"file": ONNX_FILE},
         ) from error
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    for kind, found, declared in (
-        ("input", inputs, signature.input),
-        ("output", outputs, signature.output),
-    ):
-        if len(found) != 1:
+    if len(inputs) != 1:
+        raise EntryPointOutputError(
+            f"{ONNX_FILE} has {len(inputs)} inputs; exactly one is supported",
+            details={"file": ONNX_FILE},
+        )
+    _check_tensor("input", inputs[0], signature.input)
+    declared = [signature.output] + ([signature.embedding] if signature.embedding else [])
+    if len(outputs) != len(declared):
+        raise EntryPointOutputError(
+            f"{ONNX_FILE} has {len(outputs)} outputs; {SIGNATURE_FILE} declares "
+            f"{len(declared)} ({', '.join(repr(tensor.name) for tensor in declared)})",
+            details={"file": ONNX_FILE},
+        )
+    if signature.embedding is None:
+        _check_tensor("output", outputs[0], signature.output)
+        return data
+    by_name = {tensor.name: tensor for tensor in outputs}
+    for kind, tensor in (("output", signature.output), ("embedding output", signature.embedding)):
+        if tensor.name not in by_name:
             raise EntryPointOutputError(
-                f"{ONNX_FILE} has {len(found)} {kind}s; exactly one is supported",
+                f"{ONNX_FILE} has no output {tensor.name!r}, which {SIGNATURE_FILE} declares "
+                f"as its {kind}; it has {sorted(by_name)}",
                 details={"file": ONNX_FILE},
             )
-        tensor = found[0]
-        if tensor.name != declared.name:
-            raise EntryPointOutputError(
-                f"{ONNX_FILE} names its {kind} {tensor.name!r} but {SIGNATURE_FILE} declares "
-                f"{declared.name!r}",
-                details={"file": ONNX_FILE},
-            )
-        if tensor.type != "tensor(float)":
-            raise EntryPointOutputError(
-                f"{ONNX_FILE} {kind} {tensor.name!r} is {tensor.type}; float32 is required",
-                details={"file": ONNX_FILE},
-            )
-        shape = list(tensor.shape)
-        if len(shape) != len(declared.shape):
-            raise EntryPointOutputError(
-                f"{ONNX_FILE} {kind} {tensor.name!r} has {len(shape)} dimensions; "
-                f"{SIGNATURE_FILE} declares {list(declared.shape)}",
-                details={"file": ONNX_FILE},
-            )
-        if isinstance(shape[0], int) and shape[0] > 0:
-            raise EntryPointOutputError(
-                f"{ONNX_FILE} {kind} {tensor.name!r} has a fixed batch dimension {shape[0]}; "
-                "export it with a dynamic one",
-                details={"file": ONNX_FILE},
-            )
-        for index, (actual, wanted) in enumerate(zip(shape[1:], declared.shape[1:], strict=True)):
-            if isinstance(actual, int) and actual > 0 and actual != wanted:
-                raise EntryPointOutputError(
-                    f"{ONNX_FILE} {kind} {tensor.name!r} has {actual} at dimension "
-                    f"{index + 1}; {SIGNATURE_FILE} declares {wanted}",
-                    details={"file": ONNX_FILE},
-                )
+        _check_tensor(kind, by_name[tensor.name], tensor)
     return data
 
 
+def _check_tensor(kind: str, tensor: ort.NodeArg, declared: TensorSpec) -> None:
+    """One ONNX tensor against its declaration: name, float32, rank, dynamic batch, sizes."""
+    if tensor.name != declared.name:
+        raise EntryPointOutputError(
+            f"{ONNX_FILE} names its {kind} {tensor.name!r} but {SIGNATURE_FILE} declares "
+            f"{declared.name!r}",
+            details={"file": ONNX_FILE},
+        )
+    if tensor.type != "tensor(float)":
+        raise EntryPointOutputError(
+            f"{ONNX_FILE} {kind} {tensor.name!r} is {tensor.type}; float32 is required",
+            details={"file": ONNX_FILE},
+        )
+    shape = list(tensor.shape)
+    if len(shape) != len(declared.shape):
+        raise EntryPointOutputError(
+            f"{ONNX_FILE} {kind} {tensor.name!r} has {len(shape)} dimensions; "
+            f"{SIGNATURE_FILE} declares {list(declared.shape)}",
+            details={"file": ONNX_FILE},
+        )
+    if isinstance(shape[0], int) and shape[0] > 0:
+        raise EntryPointOutputError(
+            f"{ONNX_FILE} {kind} {tensor.name!r} has a fixed batch dimension {shape[0]}; "
+            "export it with a dynamic one",
+            details={"file": ONNX_FILE},
+        )
+    for index, (actual, wanted) in enumerate(zip(shape[1:], declared.shape[1:], strict=True)):
+        if isinstance(actual, int) and actual > 0 and actual != wanted:
+            raise EntryPointOutputError(
+                f"{ONNX_FILE} {kind} {tensor.name!r} has {actual} at dimension "
+                f"{index + 1}; {SIGNATURE_FILE} declares {wanted}",
+                details={"file": ONNX_FILE},
+            )
+
+
 def _canonical_names(data: bytes, signature: ModelSignature) -> bytes:
-    """The graph with its input named ``image`` and its output ``logits``.
+    """The graph with its input named ``image``, its output ``logits`` and its embedding output
+    (when declared) ``embedding``.
 
     Serving, validation and tuning address every version by these names, so a model whose
     author chose others is renamed once here rather than carried through every consumer.
     """
-    renames = {
-        old: new
-        for old, new in ((signature.input.name, INPUT_NAME), (signature.output.name, OUTPUT_NAME))
-        if old != new
-    }
+    pairs = [(signature.input.name, INPUT_NAME), (signature.output.name, OUTPUT_NAME)]
+    if signature.embedding is not None:
+        pairs.append((signature.embedding.name, EMBEDDING_NAME))
+    renames = {old: new for old, new in pairs if old != new}
     if not renames:
         return data
     model = onnx.load_from_string(data)

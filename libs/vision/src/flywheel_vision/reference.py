@@ -1,7 +1,8 @@
 """The reference entry point: DigitNet on MNIST-like digits, the default of every model line.
 
 It is an entry point like any other (``flywheel_vision.reference:train``): it reads the
-``TrainingContext``, trains with the two-line DDP helper, and leaves ``model.onnx``,
+``TrainingContext``, trains with the two-line DDP helper, and leaves ``model.onnx`` (outputs
+``logits`` and the 64-d ``embedding``),
 ``model.json``, ``metrics.json``, ``params.json`` and ``state_dict.pt`` in the output folder.
 It starts from the base version's weights when the base is a DigitNet with a state dict, and
 keeps the base's head only when the classes are the same.
@@ -33,7 +34,7 @@ from flywheel_vision.contract import (
     reference_signature,
 )
 from flywheel_vision.export import ONNX_FILE, STATE_DICT_FILE, check_parity, export_onnx
-from flywheel_vision.model import DigitNet, load_compatible
+from flywheel_vision.model import EMBEDDING_SIZE, DigitNet, load_compatible
 from flywheel_vision.preprocess import MNIST_PREPROCESS, preprocess
 
 __all__ = ["ARCHITECTURE", "ReferenceHyperparameters", "train"]
@@ -160,10 +161,13 @@ def _write_outputs(
 ) -> None:
     out = context.output_dir
     plain = ddp.unwrap(model)
-    onnx_bytes = export_onnx(plain)
+    # Both outputs: the logits and the 64-d features, which drift checks compare.
+    onnx_bytes = export_onnx(plain, embedding=True)
     parity = check_parity(plain, onnx_bytes, sample)
     (out / ONNX_FILE).write_bytes(onnx_bytes)
-    signature = reference_signature(len(context.classes), architecture=ARCHITECTURE)
+    signature = reference_signature(
+        len(context.classes), architecture=ARCHITECTURE, embedding_size=EMBEDDING_SIZE
+    )
     (out / SIGNATURE_FILE).write_text(signature.model_dump_json(indent=2))
     buffer = io.BytesIO()
     torch.save({key: value.cpu() for key, value in plain.state_dict().items()}, buffer)

@@ -484,6 +484,7 @@ def _model_files(
                 preferred_batch_sizes=TRITON_PREFERRED_BATCHES,
                 max_queue_delay_microseconds=TRITON_QUEUE_DELAY_US,
                 input_dims=outputs.signature.preprocessing.input_shape,
+                embedding_size=outputs.signature.embedding_size,
             )
         ).encode(),
     }

@@ -13,6 +13,7 @@ from flywheel_runtime.datasets import SnapshotStore
 from flywheel_runtime.storage import ObjectStorage
 from flywheel_serving.triton import TritonControl
 from flywheel_validator.adapters.onnx import OnnxEvaluator
+from flywheel_validator.adapters.references import S3ReferenceStore
 from flywheel_validator.adapters.repository import SqlStore
 from flywheel_validator.adapters.splits import S3SplitReader
 from flywheel_validator.adapters.triton import TritonBenchmark
@@ -80,6 +81,13 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
         performance=performance if performance.enabled else None,
         benchmark=benchmark,
         benchmark_images=performance.images,
+        references=(
+            S3ReferenceStore(
+                storage, bucket=settings.data_bucket, prefix=settings.drift_reference_prefix
+            )
+            if settings.drift_reference
+            else None
+        ),
     )
     register(runtime.broker, runtime.topology, validator)
     runtime.checks["s3"] = storage.ping

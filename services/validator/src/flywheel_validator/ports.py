@@ -2,7 +2,8 @@
 
 ``Registry`` is the MLflow model registry (``flywheel_clients.registry.ModelRegistry`` implements
 it as is). ``SplitReader`` reads a snapshot's held-out TEST images from S3. ``Evaluator`` runs a
-model's files the way serving will. ``Benchmark`` serves two versions on one Triton and drives
+model's files the way serving will. ``ReferenceStore`` keeps each version's drift reference
+where data-monitor reads it. ``Benchmark`` serves two versions on one Triton and drives
 them under load in the same run (the performance gate). ``Store`` is the service's PostgreSQL
 schema, with ``transaction()`` for the unit of work that claims the event, stores the validation
 and queues ``model.validated`` in the outbox, all committed together.
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from flywheel_clients.registry import ModelFiles, ModelVersionInfo
 from flywheel_contracts import Event
 from flywheel_contracts.events import ValidationVerdict
+from flywheel_runtime.drift_reference import DriftReference
 from flywheel_serving.tuning import LoadPoint, ServingConfig
 from flywheel_validator.gates import Gates, ModelScore, ParityCheck
 
@@ -115,6 +117,21 @@ class Evaluator(Protocol):
 
     async def parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
         """Never raises for a bad model: a check that cannot run says why in ``error``."""
+        ...
+
+    async def describe(self, files: ModelFiles, images: Sequence[LabeledImage]) -> DriftReference:
+        """The version's drift reference on ``images``, one row per image: its predicted class
+        names, its embeddings when it declares an embedding output, and each image's
+        statistics; ``ModelUnusableError`` when the ONNX does not run."""
+        ...
+
+
+class ReferenceStore(Protocol):
+    """Drift references of model versions (``flywheel_runtime.drift_reference``)."""
+
+    async def put(self, model_line: str, version: str, reference: DriftReference) -> str:
+        """Write the version's reference, replacing any; its key. ``DependencyUnavailableError``
+        while the store is away."""
         ...
 
 

@@ -8,6 +8,10 @@ a bad model never turns into a crash loop. The registry is told the verdict (tag
 validation and queues ``model.validated``: both registry writes are idempotent, so a redelivery
 after a failed commit repeats them harmlessly, and a consumer of ``model.validated`` always finds
 the alias already in place.
+
+Once a candidate has been scored, its drift reference (predictions, embeddings and image
+statistics on the same TEST images) is written for data-monitor. It is a by-product of the
+validation, not part of the verdict: a failure to write it is logged and the validation goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from flywheel_contracts.events import (
     ModelValidatedPayload,
     ValidationVerdict,
 )
-from flywheel_runtime.errors import InvalidInputError, NotFoundError
+from flywheel_runtime.errors import FlywheelError, InvalidInputError, NotFoundError
 from flywheel_serving.tuning import GOLDEN_TAG, ServingConfig, golden_config
 from flywheel_validator.errors import (
     ModelUnusableError,
@@ -56,6 +60,7 @@ from flywheel_validator.ports import (
     Evaluator,
     HeldOutSplit,
     LabeledImage,
+    ReferenceStore,
     Registry,
     ServedModel,
     SplitReader,
@@ -127,10 +132,12 @@ class Validator:
         performance: PerformanceGate | None = None,
         benchmark: Benchmark | None = None,
         benchmark_images: int = 64,
+        references: ReferenceStore | None = None,
         clock: Clock = utcnow,
     ) -> None:
         """``performance`` turns the performance gate on (None: verdicts have no such line);
-        without a ``benchmark`` (no Triton configured) the gate reports itself skipped."""
+        without a ``benchmark`` (no Triton configured) the gate reports itself skipped.
+        ``references`` is where candidates' drift references go (None: none are written)."""
         self._store = store
         self._registry = registry
         self._splits = splits
@@ -142,6 +149,7 @@ class Validator:
         self._performance = performance
         self._benchmark = benchmark
         self._benchmark_images = benchmark_images
+        self._references = references
         self._clock = clock
 
     def gates_for(self, project_id: str) -> Gates:
@@ -265,6 +273,7 @@ class Validator:
             )
         parity = await self._evaluator.parity(candidate_files, split.images)
         notes += _unknown_note("candidate", candidate)
+        await self._write_reference(trained, candidate_files, split.images)
 
         champion_score: ModelScore | None = None
         champion_version: str | None = None
@@ -312,6 +321,30 @@ class Validator:
             champion_version=champion_version,
             candidate_metrics=candidate_metrics,
             champion_metrics=champion_metrics,
+        )
+
+    async def _write_reference(
+        self, trained: ModelTrainedPayload, files: ModelFiles, images: list[LabeledImage]
+    ) -> None:
+        """Write the candidate's drift reference on the TEST images; a failure only warns.
+
+        Drift checks of this version start without a reference until it exists, which costs
+        less than holding up (or redelivering) a verdict the canary waits for.
+        """
+        if self._references is None:
+            return
+        bound = log.bind(model_line=trained.model_line, model_version=trained.model_version)
+        try:
+            reference = await self._evaluator.describe(files, images)
+            key = await self._references.put(trained.model_line, trained.model_version, reference)
+        except FlywheelError as error:
+            bound.warning("drift reference not written", error_code=error.code, error=error.message)
+            return
+        bound.info(
+            "drift reference written",
+            key=key,
+            images=len(reference.predicted),
+            embedding_size=None if reference.embeddings is None else reference.embeddings.shape[1],
         )
 
     async def _compare_serving(

@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from flywheel_clients.registry import CHALLENGER, CHAMPION
 from flywheel_runtime.auth import AuthSettings
+from flywheel_runtime.drift_reference import DEFAULT_PREFIX
 from flywheel_runtime.settings import ServiceSettings
 from flywheel_runtime.storage import DATA_BUCKET
 from flywheel_serving.repository import ServingOptions
@@ -109,6 +110,14 @@ class ValidatorSettings(ServiceSettings):
 
     fetch_concurrency: int = Field(default=8, ge=1)
     """Test images fetched from S3 at once."""
+
+    drift_reference: bool = True
+    """Write each scored candidate's drift reference (its predictions, embeddings and image
+    statistics on the TEST split) to the data bucket, for data-monitor's drift checks."""
+
+    drift_reference_prefix: str = Field(default=DEFAULT_PREFIX, min_length=1)
+    """Data-bucket prefix of the drift references (``<prefix>/<model line>/<version>.npz``);
+    data-monitor must read the same one."""
 
     performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
     """The performance gate (``FLYWHEEL_VALIDATOR_PERFORMANCE__ENABLED=true`` …)."""

@@ -6,13 +6,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import structlog
 from fastapi import FastAPI
 from faststream.rabbit import RabbitBroker, TestRabbitBroker
 
 from flywheel_clients.registry import ModelFiles, ModelVersionInfo
 from flywheel_contracts import Event, ModelTrainedV1, ModelValidatedV1
 from flywheel_contracts.events import ValidationVerdict
+from flywheel_runtime.drift_reference import DriftReference
 from flywheel_runtime.errors import (
     DependencyUnavailableError,
     FlywheelError,
@@ -190,6 +193,8 @@ class FakeEvaluator:
     parity_check: ParityCheck = field(default_factory=lambda: ParityCheck(max_abs_diff=1e-6))
     scored: list[str] = field(default_factory=list)
     checked: list[tuple[str, int]] = field(default_factory=list)
+    described: list[str] = field(default_factory=list)
+    describe_error: FlywheelError | None = None
 
     async def score(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ModelScore:
         assert images
@@ -202,6 +207,30 @@ class FakeEvaluator:
     async def parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
         self.checked.append((files.version, len(images)))
         return self.parity_check
+
+    async def describe(self, files: ModelFiles, images: Sequence[LabeledImage]) -> DriftReference:
+        self.described.append(files.version)
+        if self.describe_error is not None:
+            raise self.describe_error
+        return DriftReference(
+            predicted=[image.class_name for image in images],
+            embeddings=np.zeros((len(images), 64)),
+            statistics={"brightness": np.full(len(images), 0.2)},
+        )
+
+
+@dataclass
+class FakeReferences:
+    """The ReferenceStore port in memory; it may be down."""
+
+    written: dict[tuple[str, str], DriftReference] = field(default_factory=dict)
+    down: bool = False
+
+    async def put(self, model_line: str, version: str, reference: DriftReference) -> str:
+        if self.down:
+            raise DependencyUnavailableError("S3 is unavailable")
+        self.written[(model_line, version)] = reference
+        return f"drift/reference/{model_line}/{version}.npz"
 
 
 def score(accuracy: float = 0.97, macro_f1: float = 0.96, recall: float = 0.9) -> ModelScore:
@@ -228,6 +257,7 @@ class Harness:
     validator: Validator
     broker: RabbitBroker
     topology: Topology
+    references: FakeReferences
 
     def trained(self, version: str = "2", project: str = "digits") -> ModelTrainedV1:
         return ModelTrainedV1.model_validate(
@@ -257,6 +287,7 @@ class Harness:
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
     store, registry, splits, evaluator = FakeStore(), FakeRegistry(), FakeSplits(), FakeEvaluator()
+    references = FakeReferences()
     validator = Validator(
         store,
         registry,
@@ -264,13 +295,16 @@ async def harness() -> AsyncIterator[Harness]:
         evaluator,
         default_gates=GATES,
         project_gates={"strict": Gates(min_accuracy=0.99)},
+        references=references,
         clock=lambda: NOW,
     )
     broker = create_broker("amqp://guest:guest@localhost:5672/", app_id="validator")
     topology = Topology(namespace="component.")
     register(broker, topology, validator)
     async with TestRabbitBroker(broker) as test_broker:
-        yield Harness(store, registry, splits, evaluator, validator, test_broker, topology)
+        yield Harness(
+            store, registry, splits, evaluator, validator, test_broker, topology, references
+        )
 
 
 # --- verdicts -----------------------------------------------------------------------------------
@@ -311,6 +345,83 @@ async def test_a_first_version_that_meets_the_floors_passes_and_becomes_challeng
     assert harness.store.claimed == {event.event_id}
     assert harness.splits.read == [("digits", SNAPSHOT)]
     assert harness.evaluator.checked == [("1", 150)]
+    reference = harness.references.written[(MODEL, "1")]
+    assert len(reference.predicted) == 150
+
+
+# --- drift references ---------------------------------------------------------------------------
+
+
+async def test_the_candidate_drift_reference_is_written_whatever_the_verdict(
+    harness: Harness,
+) -> None:
+    harness.registry.add("1")
+    harness.registry.add("2")
+    harness.registry.aliases["champion"] = "1"
+    harness.evaluator.scores |= {"1": score(), "2": score(accuracy=0.5)}
+
+    await harness.publish(harness.trained("2"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.verdict is ValidationVerdict.FAILED
+    assert harness.evaluator.described == ["2"]  # the candidate's only, not the champion's
+    assert list(harness.references.written) == [(MODEL, "2")]
+    reference = harness.references.written[(MODEL, "2")]
+    assert reference.embeddings is not None
+    assert reference.embeddings.shape == (150, 64)
+
+
+@pytest.mark.parametrize("fault", ["store down", "model unusable"])
+async def test_a_reference_that_cannot_be_written_does_not_fail_the_validation(
+    harness: Harness, fault: str
+) -> None:
+    harness.registry.add("1")
+    harness.evaluator.scores["1"] = score()
+    if fault == "store down":
+        harness.references.down = True
+    else:
+        harness.evaluator.describe_error = ModelUnusableError("no embedding output")
+
+    with structlog.testing.capture_logs() as logs:
+        await harness.publish(harness.trained("1"))
+
+    [validated] = harness.store.events()
+    assert validated.payload.verdict is ValidationVerdict.PASSED
+    assert harness.registry.aliases == {"challenger": "1"}
+    assert harness.references.written == {}
+    [warning] = [log for log in logs if log["event"] == "drift reference not written"]
+    assert warning["log_level"] == "warning"
+    assert warning["model_version"] == "1"
+
+
+async def test_no_reference_is_written_for_a_candidate_that_does_not_run(
+    harness: Harness,
+) -> None:
+    harness.registry.add("2")
+    harness.evaluator.scores["2"] = ModelUnusableError("INVALID_PROTOBUF")
+
+    await harness.publish(harness.trained("2"))
+
+    assert harness.evaluator.described == []
+    assert harness.references.written == {}
+
+
+async def test_without_a_reference_store_none_is_written(harness: Harness) -> None:
+    harness.registry.add("1")
+    harness.evaluator.scores["1"] = score()
+    validator = Validator(
+        harness.store,
+        harness.registry,
+        harness.splits,
+        harness.evaluator,
+        default_gates=GATES,
+        clock=lambda: NOW,
+    )
+
+    await validator.model_trained(harness.trained("1"))
+
+    assert harness.evaluator.described == []
+    assert harness.store.events()[0].payload.verdict is ValidationVerdict.PASSED
 
 
 async def test_a_candidate_worse_than_the_champion_fails_without_an_alias(

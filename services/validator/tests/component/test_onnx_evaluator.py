@@ -1,6 +1,7 @@
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,11 +10,11 @@ from flywheel_clients.registry import ModelFiles
 from flywheel_validator.adapters.onnx import OnnxEvaluator
 from flywheel_validator.errors import ModelUnusableError
 from flywheel_validator.ports import LabeledImage
-from flywheel_vision.contract import ModelSignature, TensorSpec
+from flywheel_vision.contract import ModelSignature, TensorSpec, reference_signature
 from flywheel_vision.data import load_mnist, mnist_dataset, to_png
 from flywheel_vision.export import export_onnx
-from flywheel_vision.model import DigitNet
-from flywheel_vision.preprocess import PreprocessSpec
+from flywheel_vision.model import EMBEDDING_SIZE, DigitNet
+from flywheel_vision.preprocess import PreprocessSpec, image_statistics, preprocess_batch
 
 CLASSES = [str(d) for d in range(10)]
 # A derangement: output j of the reordered model means class PERMUTATION[j].
@@ -218,3 +219,58 @@ async def test_a_model_of_its_own_is_scored_with_its_declared_preprocessing(
     broken = files.model_copy(update={"model_json": b"{}"})
     with pytest.raises(ModelUnusableError, match=r"model\.json"):
         await evaluator.score(broken, trained.images)
+
+
+async def test_the_drift_reference_holds_predictions_embeddings_and_image_statistics(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    declared = trained.files.model_copy(
+        update={
+            "model_json": reference_signature(10, embedding_size=EMBEDDING_SIZE)
+            .model_dump_json()
+            .encode()
+        }
+    )
+
+    reference = await evaluator.describe(declared, trained.images)
+
+    assert len(reference.predicted) == 300
+    right = sum(p == i.class_name for p, i in zip(reference.predicted, trained.images, strict=True))
+    assert right / 300 > 0.8
+    assert reference.embeddings is not None
+    assert reference.embeddings.shape == (300, EMBEDDING_SIZE)
+    pixels = torch.from_numpy(preprocess_batch([image.data for image in trained.images[:5]]))
+    with torch.inference_mode():
+        features = trained.model.features(pixels).numpy()
+    assert np.allclose(reference.embeddings[:5], features, atol=1e-4)
+    assert set(reference.statistics) == {"brightness", "contrast", "width", "height"}
+    assert set(reference.statistics["width"]) == {28.0}
+    first = image_statistics(trained.images[0].data)
+    assert reference.statistics["brightness"][0] == first["brightness"]
+    assert reference.statistics["contrast"][0] == first["contrast"]
+
+
+async def test_a_version_that_declares_no_embedding_has_a_reference_without_one(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    reference = await evaluator.describe(trained.files, trained.images[:20])
+
+    assert reference.embeddings is None
+    assert len(reference.predicted) == 20
+    assert len(reference.statistics["height"]) == 20
+
+
+async def test_a_reference_of_a_model_without_the_declared_embedding_is_refused(
+    trained: Trained, evaluator: OnnxEvaluator
+) -> None:
+    logits_only = trained.files.model_copy(
+        update={
+            "onnx": export_onnx(trained.model, embedding=False),
+            "model_json": reference_signature(10, embedding_size=EMBEDDING_SIZE)
+            .model_dump_json()
+            .encode(),
+        }
+    )
+
+    with pytest.raises(ModelUnusableError, match="embedding"):
+        await evaluator.describe(logits_only, trained.images[:4])

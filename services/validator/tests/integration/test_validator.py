@@ -33,6 +33,12 @@ from flywheel_contracts.events import ValidationVerdict
 from flywheel_contracts.topology import queue_name
 from flywheel_runtime.app import ServiceRuntime
 from flywheel_runtime.datasets import SnapshotStore
+from flywheel_runtime.drift_reference import (
+    DEFAULT_PREFIX,
+    STATISTICS,
+    decode_reference,
+    reference_key,
+)
 from flywheel_runtime.messaging import create_broker, publish_event
 from flywheel_runtime.settings import PlatformSettings
 from flywheel_runtime.storage import ObjectStorage
@@ -46,6 +52,7 @@ from flywheel_validator.gates import Gates
 from flywheel_validator.main import create_app
 from flywheel_validator.settings import SERVICE, ValidatorSettings
 from flywheel_vision.data import load_mnist, to_png
+from flywheel_vision.model import EMBEDDING_SIZE
 from flywheel_vision.train import TrainConfig, TrainResult, train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -403,6 +410,20 @@ async def test_a_real_trained_version_passes_and_becomes_challenger(
     assert one["gates"]["min_accuracy"] == GATES.min_accuracy
     ready = await world.get("/readyz")
     assert ready.json()["checks"] == {"broker": "ok", "database": "ok", "s3": "ok", "mlflow": "ok"}
+
+    # Its drift reference, for data-monitor: one row per TEST image, the 64-d embeddings.
+    storage = ObjectStorage.from_settings(world.platform)
+    try:
+        stored = await storage.get(world.data.bucket, reference_key(DEFAULT_PREFIX, name, version))
+    finally:
+        storage.close()
+    reference = decode_reference(stored)
+    assert len(reference.predicted) == world.data.test_images
+    assert set(reference.predicted) <= {str(d) for d in range(10)}
+    assert reference.embeddings is not None
+    assert reference.embeddings.shape == (world.data.test_images, EMBEDDING_SIZE)
+    assert set(reference.statistics) == set(STATISTICS)
+    assert set(reference.statistics["width"]) == {28.0}
 
 
 async def test_a_candidate_trained_on_poisoned_labels_fails_against_the_champion(

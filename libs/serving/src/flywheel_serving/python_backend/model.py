@@ -4,7 +4,9 @@ Copied into every version folder of a ``python``-flavour repository (the bundled
 ONNX Runtime backend). It imports nothing from Flywheel: the stub process runs it with only
 the environment's third-party packages, and tensor names and thread counts come from the
 model's ``config.pbtxt``. One ``execute`` call gets every request the dynamic batcher
-gathered; they run as one onnxruntime call, which is the point of batching.
+gathered; they run as one onnxruntime call, which is the point of batching. Each request gets
+the outputs it asked for (Triton fills in every output of the config when a request names
+none) that the ONNX graph has: ``logits``, and ``embedding`` when the config declares it.
 
 Fault injection, for canary and fault tests only and off unless asked for: when the server's
 environment names a JSON file in ``FLYWHEEL_SERVING_FAULTS``, an entry keyed
@@ -39,8 +41,12 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         self._input_name: str = config["input"][0]["name"]
+        # The first output is the class scores (the one a shuffle fault rotates).
         self._output_name: str = config["output"][0]["name"]
-        self._output_dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
+        self._output_dtypes = {
+            output["name"]: pb_utils.triton_string_to_numpy(output["data_type"])
+            for output in config["output"]
+        }
         self._input_dims = tuple(int(d) for d in config["input"][0]["dims"])
         threads = config.get("parameters", {}).get(THREADS_PARAMETER, {}).get("string_value")
         options = ort.SessionOptions()
@@ -51,6 +57,7 @@ class TritonPythonModel:
         self._session = ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
+        self._session_outputs = [output.name for output in self._session.get_outputs()]
         name = args.get("model_name") or config.get("name", "")
         fault = _fault(f"{name}:{args['model_version']}")
         self._delay_s = float(fault.get("delay_ms", 0)) / 1000
@@ -62,6 +69,7 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         batches: list[npt.NDArray[np.float32]] = []
         accepted: list[int] = []
+        wanted: list[list[str]] = []
         for index, request in enumerate(requests):
             tensor = pb_utils.get_input_tensor_by_name(request, self._input_name)
             if tensor is None:
@@ -80,24 +88,38 @@ class TritonPythonModel:
                 continue
             batches.append(np.ascontiguousarray(array, dtype=np.float32))
             accepted.append(index)
+            wanted.append(self._requested(request))
         if not accepted:
             return responses
+        # One run for the whole batch, computing every output some request asked for.
+        names = [name for name in self._session_outputs if any(name in w for w in wanted)]
         try:
-            (logits,) = self._session.run(
-                [self._output_name], {self._input_name: np.concatenate(batches)}
-            )
+            results = self._session.run(names, {self._input_name: np.concatenate(batches)})
         except Exception as exc:
             for index in accepted:
                 responses[index] = _error(f"onnxruntime failed: {exc}")
             return responses
-        logits = np.asarray(logits, dtype=self._output_dtype)
-        if self._shuffle:
-            logits = np.roll(logits, 1, axis=-1)
         bounds = np.cumsum([len(batch) for batch in batches])[:-1]
-        for index, part in zip(accepted, np.split(logits, bounds), strict=True):
-            output = pb_utils.Tensor(self._output_name, np.ascontiguousarray(part))
-            responses[index] = pb_utils.InferenceResponse(output_tensors=[output])
+        parts: dict[str, list[npt.NDArray[Any]]] = {}
+        for name, result in zip(names, results, strict=True):
+            array = np.asarray(result, dtype=self._output_dtypes.get(name, np.float32))
+            if self._shuffle and name == self._output_name:
+                array = np.roll(array, 1, axis=-1)
+            parts[name] = np.split(array, bounds)
+        for position, (index, names_wanted) in enumerate(zip(accepted, wanted, strict=True)):
+            outputs = [
+                pb_utils.Tensor(name, np.ascontiguousarray(parts[name][position]))
+                for name in names
+                if name in names_wanted
+            ]
+            responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         return responses
+
+    def _requested(self, request: Any) -> list[str]:
+        """The outputs ``request`` asked for; all the config's when it names none (Triton itself
+        fills those in before the request gets here)."""
+        names = list(request.requested_output_names())
+        return names or list(self._output_dtypes)
 
     def finalize(self) -> None:
         self._session = None

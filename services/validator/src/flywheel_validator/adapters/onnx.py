@@ -4,9 +4,11 @@ Scoring goes through ``flywheel_vision.evaluate`` (the shared preprocessing with
 declared spec, onnxruntime's CPU provider, single-image latency). The parity check loads the
 version's state dict into ``DigitNet`` and compares its logits with the ONNX graph's on a few
 test images; a version of another architecture (its ``model.json`` says so) has nothing the
-validator could rerun, so parity does not apply to it. Both are
-CPU-bound and run in a worker thread, one model at a time, so latencies are not measured while
-another model competes for the same cores.
+validator could rerun, so parity does not apply to it. ``describe`` runs a version over the
+test images once more for its drift reference: predicted class names, the ``embedding`` output
+when the version declares one, and ``image_statistics`` of each image as it was uploaded. All
+are CPU-bound and run in a worker thread, one model at a time, so latencies are not measured
+while another model competes for the same cores.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import threading
 import zipfile
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
 import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from flywheel_clients.registry import ModelFiles
+from flywheel_runtime.drift_reference import STATISTICS, DriftReference
 from flywheel_runtime.errors import InvalidInputError
 from flywheel_validator.errors import ModelUnusableError
 from flywheel_validator.gates import ModelScore, ParityCheck
@@ -32,7 +38,13 @@ from flywheel_vision.contract import ModelSignature, signature_or_reference
 from flywheel_vision.evaluate import evaluate
 from flywheel_vision.export import check_parity
 from flywheel_vision.model import DigitNet
-from flywheel_vision.preprocess import preprocess_batch
+from flywheel_vision.preprocess import (
+    EMBEDDING_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    image_statistics,
+    preprocess_batch,
+)
 from flywheel_vision.reference import ARCHITECTURE
 
 # What onnxruntime and the evaluation raise for a graph that does not load or does not fit:
@@ -57,7 +69,10 @@ _WEIGHT_ERRORS: tuple[type[Exception], ...] = (
     KeyError,
     TypeError,
 )
+# What running a version over the test images raises: onnxruntime's, and preprocessing's.
+_DESCRIBE_ERRORS: tuple[type[Exception], ...] = (*_ONNX_ERRORS, InvalidInputError)
 _MESSAGE_LIMIT = 300
+_BATCH = 256
 
 
 class OnnxEvaluator:
@@ -77,6 +92,9 @@ class OnnxEvaluator:
 
     async def parity(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ParityCheck:
         return await asyncio.to_thread(self._parity, files, images)
+
+    async def describe(self, files: ModelFiles, images: Sequence[LabeledImage]) -> DriftReference:
+        return await asyncio.to_thread(self._describe, files, images)
 
     def _score(self, files: ModelFiles, images: Sequence[LabeledImage]) -> ModelScore:
         try:
@@ -129,6 +147,61 @@ class OnnxEvaluator:
             except _ONNX_ERRORS as error:
                 return ParityCheck(error=f"ONNX and PyTorch outputs differ: {_short(error)}")
         return ParityCheck(max_abs_diff=difference, images=len(chosen))
+
+    def _describe(self, files: ModelFiles, images: Sequence[LabeledImage]) -> DriftReference:
+        signature = _signature(files)
+        try:
+            statistics = _statistics(images)
+        except InvalidInputError as error:
+            raise ModelUnusableError(error.message) from error
+        names = [OUTPUT_NAME]
+        if signature.embedding_size is not None:
+            names.append(EMBEDDING_NAME)
+        predicted: list[str] = []
+        embeddings: list[npt.NDArray[np.float64]] = []
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        with self._lock:
+            try:
+                session = ort.InferenceSession(
+                    files.onnx, sess_options=options, providers=["CPUExecutionProvider"]
+                )
+                for start in range(0, len(images), _BATCH):
+                    chunk = [image.data for image in images[start : start + _BATCH]]
+                    batch = preprocess_batch(chunk, signature.preprocessing)
+                    logits, *embedding = session.run(names, {INPUT_NAME: batch})
+                    scores = np.asarray(logits)
+                    if scores.shape != (len(chunk), len(files.labels)):
+                        raise ValueError(
+                            f"{OUTPUT_NAME} has shape {list(scores.shape)} for {len(chunk)} "
+                            f"images of {len(files.labels)} classes"
+                        )
+                    predicted += [files.labels[index] for index in scores.argmax(axis=1)]
+                    if embedding:
+                        embeddings.append(np.asarray(embedding[0], dtype=np.float64))
+            except _DESCRIBE_ERRORS as error:
+                raise ModelUnusableError(_short(error)) from error
+        stacked = None
+        if signature.embedding_size is not None:
+            size = signature.embedding_size
+            stacked = np.concatenate(embeddings) if embeddings else np.zeros((0, size))
+            if stacked.shape != (len(images), size):
+                raise ModelUnusableError(
+                    f"{EMBEDDING_NAME} has shape {list(stacked.shape)} for {len(images)} images; "
+                    f"model.json declares {size} values per image"
+                )
+        return DriftReference(predicted=predicted, embeddings=stacked, statistics=statistics)
+
+
+def _statistics(images: Sequence[LabeledImage]) -> dict[str, npt.NDArray[np.float64]]:
+    """``image_statistics`` of each image as uploaded, by statistic."""
+    columns = {name: np.zeros(len(images), dtype=np.float64) for name in STATISTICS}
+    for row, image in enumerate(images):
+        for name, value in image_statistics(image.data).items():
+            if name in columns:
+                columns[name][row] = value
+    return columns
 
 
 def _signature(files: ModelFiles) -> ModelSignature:
