@@ -205,19 +205,19 @@ class Loop:
         )
 
     def trainer_settings(self, runs_dir: Path, **overrides: Any) -> TrainerDispatchSettings:
-        return TrainerDispatchSettings(
-            platform=self.platform,
-            namespace=self.topology.namespace,
-            db_schema=self.schema("trainer-dispatch"),
-            data_bucket=self.bucket,
-            runs_dir=runs_dir,
-            epochs=3,
+        values: dict[str, Any] = {
+            "platform": self.platform,
+            "namespace": self.topology.namespace,
+            "db_schema": self.schema("trainer-dispatch"),
+            "data_bucket": self.bucket,
+            "runs_dir": runs_dir,
+            "epochs": 3,
             # The bootstrap champion is an ONNX file only: train from scratch.
-            base_alias=None,
-            poll_interval_s=0.2,
-            timeout_s=300,
-            **overrides,
-        )
+            "base_alias": None,
+            "poll_interval_s": 0.2,
+            "timeout_s": 300,
+        }
+        return TrainerDispatchSettings(**(values | overrides))
 
     def data_monitor_settings(self, **overrides: Any) -> DataMonitorSettings:
         return DataMonitorSettings(

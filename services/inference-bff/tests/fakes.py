@@ -135,6 +135,16 @@ class FakeInference:
         logits = version_logits(version, images)
         return logits[:, : self.classes] if self.classes < 10 else logits
 
+    async def infer_embedded(
+        self, model: str, version: str, images: npt.NDArray[np.float32], *, embedding: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        logits = await self.infer(model, version, images)
+        if not embedding:
+            return logits, None
+        # A stand-in embedding: each image's mean and spread, so tests can tell images apart.
+        flat = images.reshape(len(images), -1)
+        return logits, np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1)
+
     async def ready(self) -> None:
         if self.down:
             raise InferenceUnreachableError("inference server is unavailable")
@@ -197,6 +207,7 @@ class World:
     routing: Routing
     predictor: Predictor
     metrics: BffMetrics
+    inputs: "FakeInputs"
 
     def serve(self, version: str, *, champion: bool = False, name: str = MODEL) -> None:
         self.registry.add(name, version)
@@ -206,10 +217,15 @@ class World:
 
 
 def world(
-    *, registered_models: dict[str, str] | None = None, project_ids: dict[str, str] | None = None
+    *,
+    registered_models: dict[str, str] | None = None,
+    project_ids: dict[str, str] | None = None,
+    drift: bool = False,
 ) -> World:
+    """A predictor over fakes; ``drift`` turns on drift features and keeping inputs."""
     registry, routes = FakeRegistry(), FakeRouteStore()
     inference, images, cache, log = FakeInference(), FakeImages(), FakeCache(), RecordingLog()
+    inputs = FakeInputs()
     metrics = BffMetrics.create()
     routing = Routing(
         registry,
@@ -227,8 +243,12 @@ def world(
         log,
         limits=Limits(max_image_bytes=50_000, max_image_pixels=250_000, chunk=4),
         metrics=metrics,
+        drift_features=drift,
+        inputs=inputs if drift else None,
     )
-    return World(registry, routes, inference, images, cache, log, routing, predictor, metrics)
+    return World(
+        registry, routes, inference, images, cache, log, routing, predictor, metrics, inputs
+    )
 
 
 def counter(metrics: BffMetrics, name: str, **labels: str) -> float:
@@ -363,3 +383,15 @@ async def settle() -> None:
     """Let background tasks scheduled by the code under test run (no wall-clock wait)."""
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+@dataclass
+class FakeInputs:
+    """Answered inputs kept for labeling, by key."""
+
+    kept: dict[str, bytes] = field(default_factory=dict)
+
+    async def keep(self, sha256: str, data: bytes) -> str:
+        key = image_key(sha256)
+        self.kept[key] = data
+        return key

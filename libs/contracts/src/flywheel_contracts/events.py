@@ -4,6 +4,11 @@ project.configured, labels.saved (| data.quality_failed) → threshold.reached �
 model.trained (| training.failed) → model.validated → rollout.step* → canary.verdict,
 and inference.logged from serving back to the monitors.
 
+Drift: data-monitor compares recent inferences with the champion's training data and says
+drift.detected; it follows with threshold.reached (reason drift) when retraining can help, or
+with labels.requested (the most drifted recent images, for the labeling queue) when it cannot
+yet.
+
 Beside the loop, the workspaces service announces engineers' GPU development environments:
 workspace.requested → workspace.ready → workspace.expired (TTL or idle shutdown).
 """
@@ -416,6 +421,17 @@ class CanaryVerdictV1(Event[CanaryVerdictPayload]):
 # --- inference.logged ---------------------------------------------------------------------------
 
 
+class ImageStatistics(Payload):
+    """Cheap statistics of one input image, compared with the training data's for drift."""
+
+    brightness: float = Field(ge=0, le=1)
+    """Mean grey level, 0 black to 1 white."""
+    contrast: float = Field(ge=0, le=1)
+    """Standard deviation of the grey levels."""
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
 class InferenceLoggedPayload(Payload):
     request_id: uuid.UUID
     project_id: str = Field(pattern=SLUG)
@@ -436,6 +452,13 @@ class InferenceLoggedPayload(Payload):
     (connection refused or dropped): no model saw it, so the failure says nothing about the
     version. A failure the server answered (a model error, a version not loaded, a timeout)
     leaves it False."""
+    embedding: list[float] | None = None
+    """The served model's penultimate-layer embedding of the input, when the model declares
+    an embedding output (drift detection compares these with the training data's)."""
+    image_stats: ImageStatistics | None = None
+    input_key: str | None = None
+    """S3 key (data bucket, ``flywheel_contracts.datasets.image_key``) of the stored input
+    image, when the BFF keeps inputs: what a labeling request for this inference points at."""
 
 
 class InferenceLoggedV1(Event[InferenceLoggedPayload]):
@@ -454,6 +477,125 @@ class InferenceLoggedV1(Event[InferenceLoggedPayload]):
         "latency_ms": 8.4,
         "status": "ok",
         "served_at": "2026-01-01T12:00:00Z",
+    }
+
+
+# --- drift.detected -----------------------------------------------------------------------------
+
+
+class DriftAction(StrEnum):
+    RETRAIN = "retrain"
+    """A threshold.reached with reason drift follows: enough fresh labels to retrain on."""
+    LABELS_REQUESTED = "labels_requested"
+    """A labels.requested follows: the drifted slice needs labels before a retrain can help."""
+    ALERT = "alert"
+    """Nothing follows (no stored inputs to request labels for, or a request is pending)."""
+
+
+class DriftTestSummary(Payload):
+    """One drift test of the report, as the event carries it (the report has every figure)."""
+
+    kind: Literal["embedding", "statistic", "classes"]
+    feature: str
+    drifted: bool
+    p_value: float | None = None
+    effect: float | None = None
+    """AUC, PSI or total variation distance, by kind."""
+    threshold: float
+
+
+class DriftDetectedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    model_version: str
+    """The champion whose training data was the reference."""
+    report_id: uuid.UUID
+    """Stored drift report (every test's numbers and p-values, plots)."""
+    window_start: datetime
+    window_end: datetime
+    samples: int = Field(ge=0)
+    """Inferences in the window."""
+    tests: list[DriftTestSummary]
+    action: DriftAction
+    reasons: list[str]
+
+
+class DriftDetectedV1(Event[DriftDetectedPayload]):
+    TYPE: ClassVar[str] = "drift.detected"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "model_version": "3",
+        "report_id": "00000000-0000-4000-8000-00000000d001",
+        "window_start": "2026-01-01T11:00:00Z",
+        "window_end": "2026-01-01T12:00:00Z",
+        "samples": 1200,
+        "tests": [
+            {
+                "kind": "embedding",
+                "feature": "embedding",
+                "drifted": True,
+                "p_value": 1e-12,
+                "effect": 0.94,
+                "threshold": 0.7,
+            }
+        ],
+        "action": "labels_requested",
+        "reasons": ["embedding: domain classifier AUC 0.94 >= 0.70 (p=1e-12)"],
+    }
+
+
+# --- labels.requested ---------------------------------------------------------------------------
+
+
+class LabelRequestItem(Payload):
+    """One image the labelers are asked to label."""
+
+    input_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    image_key: str
+    """S3 key of the image in the data bucket: ``flywheel_contracts.datasets.image_key`` of its
+    sha256, where labeling keeps the images of labels too (the BFF stores inputs there)."""
+    score: float
+    """How strongly it stands for the drift (higher first)."""
+    predicted_class: str | None = None
+    """The serving model's answer: a pre-label to correct."""
+    confidence: float | None = Field(default=None, ge=0, le=1)
+
+
+class LabelsRequestedPayload(Payload):
+    project_id: str = Field(pattern=SLUG)
+    model_line: str = Field(pattern=SLUG)
+    request_id: uuid.UUID
+    """Identity of the request (labeling keeps each image once per request)."""
+    reason: Literal["drift"]
+    report_id: uuid.UUID | None = None
+    """The drift report that asked, when the reason is drift."""
+    items: list[LabelRequestItem] = Field(min_length=1, max_length=1000)
+
+
+class LabelsRequestedV1(Event[LabelsRequestedPayload]):
+    TYPE: ClassVar[str] = "labels.requested"
+    VERSION: ClassVar[int] = 1
+    EXCHANGE: ClassVar[str] = EVENTS_EXCHANGE
+    EXAMPLE: ClassVar[dict[str, Any]] = {
+        "project_id": "digits",
+        "model_line": "digits-classifier",
+        "request_id": "00000000-0000-4000-8000-00000000e001",
+        "reason": "drift",
+        "report_id": "00000000-0000-4000-8000-00000000d001",
+        "items": [
+            {
+                "input_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                "image_key": (
+                    "images/9f/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+                ),
+                "score": 0.98,
+                "predicted_class": "8",
+                "confidence": 0.41,
+            }
+        ],
     }
 
 
@@ -581,6 +723,8 @@ ALL_EVENTS: tuple[type[Event[Any]], ...] = (
     RolloutStepV1,
     CanaryVerdictV1,
     InferenceLoggedV1,
+    DriftDetectedV1,
+    LabelsRequestedV1,
     WorkspaceRequestedV1,
     WorkspaceReadyV1,
     WorkspaceExpiredV1,

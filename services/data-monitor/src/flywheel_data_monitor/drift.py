@@ -21,7 +21,11 @@ scipy and scikit-learn supply the statistics; nothing here is written by hand be
 
 from __future__ import annotations
 
+import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -29,17 +33,35 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats  # type: ignore[import-untyped]
 
+from flywheel_contracts.events import DriftAction
+from flywheel_runtime.drift_reference import STATISTICS as DRIFT_STATISTICS
+
 __all__ = [
+    "STATISTICS",
+    "DriftReport",
     "DriftTest",
     "DriftThresholds",
+    "EmbeddingDrift",
+    "Evaluation",
+    "Features",
+    "LabelCandidate",
+    "choose_action",
     "classes_test",
     "embedding_test",
+    "evaluate",
+    "most_drifted",
     "population_stability_index",
     "statistic_test",
 ]
 
 TestKind = Literal["embedding", "statistic", "classes"]
 Floats = npt.NDArray[np.float64]
+
+STATISTICS: Final = DRIFT_STATISTICS
+"""Per-image statistics compared (``flywheel_contracts.ImageStatistics``)."""
+
+_MIN_EXPECTED: Final = 5.0
+"""Smallest expected count per cell the chi-square test trusts."""
 
 _PSI_EPSILON: Final = 1e-4
 """Share given to an empty bin, so PSI stays finite."""
@@ -51,7 +73,10 @@ class DriftThresholds(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     min_samples: int = Field(default=200, ge=10)
-    """Fewest inferences (and reference samples) a test needs before it judges."""
+    """Fewest inferences of the window a test needs before it judges."""
+
+    min_reference_samples: int = Field(default=200, ge=10)
+    """Fewest reference images (the version's held-out data) a test needs before it judges."""
 
     p_value: float = Field(default=0.001, gt=0, lt=1)
     """Significance level of every test (several run per window, so it is strict)."""
@@ -114,13 +139,24 @@ def _unjudged(
     )
 
 
+@dataclass(frozen=True)
+class EmbeddingDrift:
+    """The embedding test and, per current sample it used, how "production-like" the
+    classifier found it out of fold: the score that ranks images for labeling."""
+
+    test: DriftTest
+    current_rows: npt.NDArray[np.int64]
+    """Row numbers (into ``current``) the scores belong to."""
+    current_scores: Floats
+
+
 def embedding_test(
     reference: npt.ArrayLike,
     current: npt.ArrayLike,
     thresholds: DriftThresholds,
     *,
     seed: int = 0,
-) -> DriftTest:
+) -> EmbeddingDrift:
     """Domain classifier on embeddings (rows are samples): AUC and Mann-Whitney p-value."""
     # scikit-learn is only needed here; the import costs a second at start-up otherwise.
     from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
@@ -131,10 +167,18 @@ def embedding_test(
 
     ref = np.asarray(reference, dtype=np.float64)
     cur = np.asarray(current, dtype=np.float64)
-    if min(len(ref), len(cur)) < thresholds.min_samples:
-        return _unjudged("embedding", "embedding", thresholds.min_auc, len(ref), len(cur))
+    # Rows of NaN are inferences logged without an embedding (the model's served config
+    # lacked it for a while): left out, the others keep their row numbers.
+    present = np.flatnonzero(~np.isnan(cur).any(axis=1)) if cur.ndim == 2 else np.zeros(0, int)
+    if len(ref) < thresholds.min_reference_samples or len(present) < thresholds.min_samples:
+        return EmbeddingDrift(
+            _unjudged("embedding", "embedding", thresholds.min_auc, len(ref), len(present)),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0),
+        )
     ref = _subsample(ref, thresholds.max_samples, seed)
-    cur = _subsample(cur, thresholds.max_samples, seed + 1)
+    rows = _subsample(present, thresholds.max_samples, seed + 1)
+    cur = cur[rows]
     features = np.vstack([ref, cur])
     target = np.concatenate([np.zeros(len(ref)), np.ones(len(cur))])
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
@@ -144,7 +188,7 @@ def embedding_test(
     # AUC = U / (n_ref * n_cur): the one-sided U test asks whether current scores rank higher.
     test = stats.mannwhitneyu(scores[target == 1], scores[target == 0], alternative="greater")
     p_value = float(test.pvalue)
-    return DriftTest(
+    result = DriftTest(
         kind="embedding",
         feature="embedding",
         judged=True,
@@ -157,6 +201,7 @@ def embedding_test(
         current_samples=len(cur),
         details={"dimensions": int(features.shape[1]), "folds": 5},
     )
+    return EmbeddingDrift(result, rows.astype(np.int64), scores[target == 1])
 
 
 def population_stability_index(reference: Floats, current: Floats, bins: int = 10) -> float:
@@ -183,7 +228,7 @@ def statistic_test(
     """Kolmogorov-Smirnov p-value and PSI effect of one per-image statistic."""
     ref = np.asarray(reference, dtype=np.float64).ravel()
     cur = np.asarray(current, dtype=np.float64).ravel()
-    if min(len(ref), len(cur)) < thresholds.min_samples:
+    if len(ref) < thresholds.min_reference_samples or len(cur) < thresholds.min_samples:
         return _unjudged("statistic", feature, thresholds.min_psi, len(ref), len(cur))
     ref = _subsample(ref, thresholds.max_samples, seed)
     cur = _subsample(cur, thresholds.max_samples, seed + 1)
@@ -216,11 +261,10 @@ def classes_test(
     ref = np.array([reference.get(name, 0) for name in classes], dtype=np.float64)
     cur = np.array([current.get(name, 0) for name in classes], dtype=np.float64)
     n_ref, n_cur = int(ref.sum()), int(cur.sum())
-    if min(n_ref, n_cur) < thresholds.min_samples:
+    if n_ref < thresholds.min_reference_samples or n_cur < thresholds.min_samples:
         return _unjudged("classes", "predicted_class", thresholds.min_class_shift, n_ref, n_cur)
-    seen = (ref + cur) > 0
-    table = np.vstack([ref[seen], cur[seen]])
-    if table.shape[1] < 2:  # one class on both sides: nothing to compare
+    table = _pooled_rare_classes(np.vstack([ref, cur]))
+    if table.shape[1] < 2:  # one column left: nothing to compare
         chi2, p_value = 0.0, 1.0
     else:
         result = stats.chi2_contingency(table)
@@ -244,8 +288,186 @@ def classes_test(
     )
 
 
+def _pooled_rare_classes(table: Floats) -> Floats:
+    """The 2 x K table with every class whose expected count is under 5 on either side pooled
+    into one column (Cochran's rule: the chi-square approximation is not valid below it, and
+    a small reference would call noise drift)."""
+    table = table[:, table.sum(axis=0) > 0]
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / table.sum()
+    rare = (expected < _MIN_EXPECTED).any(axis=0)
+    if not rare.any():
+        return table
+    pooled = table[:, rare].sum(axis=1, keepdims=True)
+    kept = table[:, ~rare]
+    merged = np.hstack([kept, pooled])
+    # The pooled column may itself be rare: then fold it into the smallest kept class.
+    if (
+        kept.shape[1]
+        and (
+            np.outer(merged.sum(axis=1), merged.sum(axis=0))[:, -1] / merged.sum() < _MIN_EXPECTED
+        ).any()
+    ):
+        smallest = int(np.argmin(kept.sum(axis=0)))
+        kept = kept.copy()
+        kept[:, smallest] += pooled[:, 0]
+        return kept
+    return merged
+
+
 def _shares(classes: Sequence[str], counts: Floats) -> dict[str, float]:
     total = counts.sum()
     return {
         name: round(float(count / total), 4) for name, count in zip(classes, counts, strict=True)
     }
+
+
+# --- a window against its reference ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Features:
+    """What drift compares, one row per image: from the training reference or the window.
+
+    ``embeddings`` is None when the model declares no embedding output; a statistic missing
+    from ``statistics`` is not compared. ``inputs`` (window only) identifies each row's image:
+    its sha256 and, when the BFF stored it, its S3 key.
+    """
+
+    embeddings: Floats | None
+    statistics: Mapping[str, Floats]
+    predicted: Sequence[str]
+    confidences: Sequence[float | None] = ()
+    inputs: Sequence[tuple[str, str | None]] = ()
+
+    def __len__(self) -> int:
+        return len(self.predicted)
+
+
+class DriftReport(BaseModel):
+    """Every test of one window, and whether the window drifted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    report_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    project_id: str
+    model_line: str
+    model_version: str
+    window_start: datetime
+    window_end: datetime
+    samples: int
+    reference_samples: int
+    thresholds: DriftThresholds
+    tests: list[DriftTest]
+
+    @property
+    def drifted(self) -> bool:
+        return any(test.drifted for test in self.tests)
+
+    def reasons(self) -> list[str]:
+        """One line per drifted test, with its figures."""
+        return [_reason(test) for test in self.tests if test.drifted]
+
+
+def _reason(test: DriftTest) -> str:
+    measure = {"embedding": "domain classifier AUC", "statistic": "PSI", "classes": "TVD"}
+    return (
+        f"{test.feature}: {measure[test.kind]} {test.effect:.2f} >= {test.threshold:.2f} "
+        f"(p={test.p_value:.2g}, {test.current_samples} vs {test.reference_samples} samples)"
+    )
+
+
+@dataclass(frozen=True)
+class LabelCandidate:
+    """A recent image worth a label: drifted the most (score), with its pre-label."""
+
+    input_sha256: str
+    image_key: str
+    score: float
+    predicted_class: str | None
+    confidence: float | None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A report and the per-image scores behind its embedding test."""
+
+    report: DriftReport
+    scores: Mapping[int, float] = field(default_factory=dict)
+    """Window row → drift score (embedding test), for the rows the test used."""
+
+
+def evaluate(
+    reference: Features,
+    window: Features,
+    thresholds: DriftThresholds,
+    *,
+    project_id: str,
+    model_line: str,
+    model_version: str,
+    window_start: datetime,
+    window_end: datetime,
+) -> Evaluation:
+    """Run every test that both sides have data for."""
+    tests: list[DriftTest] = []
+    scores: dict[int, float] = {}
+    if reference.embeddings is not None and window.embeddings is not None:
+        embedding = embedding_test(reference.embeddings, window.embeddings, thresholds)
+        tests.append(embedding.test)
+        scores = {
+            int(row): float(score)
+            for row, score in zip(embedding.current_rows, embedding.current_scores, strict=True)
+        }
+    for name in STATISTICS:
+        if name in reference.statistics and name in window.statistics:
+            tests.append(
+                statistic_test(
+                    name, reference.statistics[name], window.statistics[name], thresholds
+                )
+            )
+    tests.append(classes_test(Counter(reference.predicted), Counter(window.predicted), thresholds))
+    report = DriftReport(
+        project_id=project_id,
+        model_line=model_line,
+        model_version=model_version,
+        window_start=window_start,
+        window_end=window_end,
+        samples=len(window),
+        reference_samples=len(reference),
+        thresholds=thresholds,
+        tests=tests,
+    )
+    return Evaluation(report=report, scores=scores)
+
+
+def most_drifted(window: Features, scores: Mapping[int, float], limit: int) -> list[LabelCandidate]:
+    """The ``limit`` stored images the domain classifier found least like the training data,
+    one per distinct image (the same image sent twice is one label)."""
+    picked: list[LabelCandidate] = []
+    seen: set[str] = set()
+    for row, score in sorted(scores.items(), key=lambda item: (-item[1], item[0])):
+        if len(picked) >= limit:
+            break
+        sha256, key = window.inputs[row]
+        if key is None or sha256 in seen:
+            continue
+        seen.add(sha256)
+        confidence = window.confidences[row] if row < len(window.confidences) else None
+        picked.append(LabelCandidate(sha256, key, score, window.predicted[row], confidence))
+    return picked
+
+
+def choose_action(
+    *, fresh_labels: int, min_fresh_labels: int, candidates: int, request_pending: bool
+) -> DriftAction:
+    """What follows a drifted window.
+
+    Retraining helps only with labels the champion has not been trained on (the drifted
+    slice among them, with luck): with ``min_fresh_labels`` of them, retrain. Otherwise ask for
+    labels on the drifted images, unless a request is still open (asking again would only
+    reshuffle the labelers' queue) or no image of the window was stored: then only alert.
+    """
+    if fresh_labels >= min_fresh_labels:
+        return DriftAction.RETRAIN
+    if candidates > 0 and not request_pending:
+        return DriftAction.LABELS_REQUESTED
+    return DriftAction.ALERT

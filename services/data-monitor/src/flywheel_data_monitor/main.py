@@ -6,11 +6,15 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from flywheel_data_monitor.adapters.repository import SqlStore
+from flywheel_data_monitor.adapters.drift_store import (
+    S3References,
+    S3ReportArtifacts,
+    SqlDriftStore,
+)
 from flywheel_data_monitor.adapters.snapshots import S3SnapshotReader
-from flywheel_data_monitor.api import router
+from flywheel_data_monitor.api import drift_router, router
 from flywheel_data_monitor.handlers import Ticker, register
-from flywheel_data_monitor.service import DataMonitor
+from flywheel_data_monitor.service import DataMonitor, DriftMonitor
 from flywheel_data_monitor.settings import SERVICE, DataMonitorSettings
 from flywheel_runtime.app import ServiceRuntime, fastapi_app
 from flywheel_runtime.auth import TokenVerifier
@@ -39,16 +43,27 @@ def create_app(settings: DataMonitorSettings | None = None) -> FastAPI:
         namespace=settings.namespace,
     )
     storage = ObjectStorage.from_settings(settings.platform)
+    store = SqlDriftStore(runtime.database, consumer=SERVICE)
     monitor = DataMonitor(
-        SqlStore(runtime.database, consumer=SERVICE),
+        store,
         S3SnapshotReader(SnapshotStore(storage, bucket=settings.data_bucket)),
         default_policy=settings.default_policy,
     )
-    register(runtime.broker, runtime.topology, monitor)
+    drift = DriftMonitor(
+        store,
+        S3References(storage, settings.data_bucket, settings.drift.reference_prefix),
+        S3ReportArtifacts(storage, settings.data_bucket, settings.drift.reports_prefix),
+        monitor,
+        settings.drift,
+    )
+    register(runtime.broker, runtime.topology, monitor, drift)
 
-    ticker = Ticker(monitor, settings.tick_interval_s)
-    runtime.on_start.append(ticker.start)
-    runtime.on_stop.append(ticker.stop)
+    for ticker in (
+        Ticker(monitor.tick, settings.tick_interval_s, "timer"),
+        Ticker(drift.tick, settings.tick_interval_s, "drift"),
+    ):
+        runtime.on_start.append(ticker.start)
+        runtime.on_stop.append(ticker.stop)
     runtime.checks["s3"] = storage.ping
 
     async def close_storage() -> None:
@@ -56,10 +71,11 @@ def create_app(settings: DataMonitorSettings | None = None) -> FastAPI:
 
     runtime.on_stop.append(close_storage)
 
-    app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=[router])
+    app = fastapi_app(runtime, title=TITLE, version=VERSION, routers=[router, drift_router])
     if settings.auth is not None:
         verifier = TokenVerifier(settings.auth)
         app.state.token_verifier = verifier
         runtime.on_stop.append(verifier.aclose)
     app.state.monitor = monitor
+    app.state.drift = drift
     return app

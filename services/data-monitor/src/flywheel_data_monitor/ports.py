@@ -3,7 +3,8 @@
 ``Store`` is the service's PostgreSQL schema: reads outside any lock, and ``transaction()``
 for a unit of work in which a project's row is locked, the event claimed and the outgoing
 events queued in the outbox, all committed together. ``SnapshotReader`` reads what labeling
-wrote to S3.
+wrote to S3. ``DriftStore`` keeps the drift features of recent inferences and the drift
+reports; ``ReferenceStore`` and ``ReportArtifacts`` are the references and plots in S3.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel_contracts import Event
 from flywheel_contracts.datasets import SnapshotSegment
-from flywheel_contracts.events import RetrainPolicy, TaskType, ThresholdReason
+from flywheel_contracts.events import DriftAction, RetrainPolicy, TaskType, ThresholdReason
+from flywheel_data_monitor.drift import DriftReport, Features
 from flywheel_data_monitor.policy import Evaluation, PendingWindow
 from flywheel_data_monitor.quality import Check, ReferenceSource
 
-Trigger = Literal["labels.saved", "project.configured", "timer"]
+Trigger = Literal["labels.saved", "project.configured", "timer", "drift"]
 """What made the monitor look at a project when it decided."""
 
 
@@ -179,3 +181,119 @@ class SnapshotReader(Protocol):
     async def class_counts(self, project_id: str, snapshot_id: str) -> dict[str, int]:
         """Live labels per class of a whole snapshot."""
         ...
+
+
+# --- drift --------------------------------------------------------------------------------------
+
+
+class DriftSample(BaseModel):
+    """The drift features of one inference (from its inference.logged)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: uuid.UUID
+    project_id: str
+    model_line: str
+    model_version: str
+    served_at: datetime
+    embedding: list[float] | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    width: int | None = None
+    height: int | None = None
+    predicted_class: str | None = None
+    confidence: float | None = None
+    input_sha256: str
+    input_key: str | None = None
+
+
+class DriftLine(BaseModel):
+    """Where drift checking of one model line stands."""
+
+    model_line: str
+    project_id: str
+    last_checked_at: datetime | None = None
+    last_report_id: uuid.UUID | None = None
+    last_action: DriftAction | None = None
+    last_action_at: datetime | None = None
+    last_action_version: str | None = None
+    """Champion the last action was about: a new champion starts a fresh cooldown."""
+
+
+class StoredDriftReport(BaseModel):
+    """A drift report as kept: its tests, what followed, and where its plots are."""
+
+    model_config = ConfigDict(frozen=True)
+
+    report: DriftReport
+    drifted: bool
+    action: DriftAction | None = None
+    """What followed (None: no drift, or drift inside the cooldown)."""
+    note: str | None = None
+    """Why nothing followed a drifted window (cooldown), for the operator."""
+    plots: dict[str, str] = Field(default_factory=dict)
+    """Test feature → data-bucket key of its PNG."""
+    event_id: uuid.UUID | None = None
+    """The drift.detected it was announced by."""
+    created_at: datetime
+
+
+class DriftTransaction(Transaction, Protocol):
+    """A unit of work that may fire a retrain and record drift in one commit."""
+
+    async def lock_drift_line(self, model_line: str, project_id: str) -> DriftLine:
+        """The line's drift state, locked until commit; created when missing."""
+        ...
+
+    async def save_drift_line(self, line: DriftLine) -> None: ...
+
+    async def add_drift_report(self, stored: StoredDriftReport) -> None: ...
+
+
+class DriftStore(Protocol):
+    """Drift features of recent inferences and the reports made of them."""
+
+    def drift_transaction(self) -> AbstractAsyncContextManager[DriftTransaction]: ...
+
+    async def add_drift_samples(self, samples: list[DriftSample]) -> int:
+        """Keep samples (a request already kept is skipped); how many were new."""
+        ...
+
+    async def drift_lines_due(
+        self, now: datetime, *, interval_s: float, every_samples: int
+    ) -> list[tuple[str, str]]:
+        """(model line, project) pairs with new samples since their last check, whose last
+        check is ``interval_s`` old or who received ``every_samples`` since."""
+        ...
+
+    async def drift_window(
+        self, model_line: str, start: datetime, end: datetime, limit: int
+    ) -> list[DriftSample]:
+        """The newest ``limit`` samples served in [start, end), oldest first."""
+        ...
+
+    async def prune_drift_samples(self, before: datetime) -> int: ...
+
+    async def drift_reports(self, project_id: str, limit: int) -> list[StoredDriftReport]:
+        """Newest first."""
+        ...
+
+    async def drift_report(self, report_id: uuid.UUID) -> StoredDriftReport | None: ...
+
+
+class ReferenceStore(Protocol):
+    """What a model version's training data looks like to drift (computed once per version)."""
+
+    async def load(self, model_line: str, version: str) -> Features | None:
+        """None when the version has no reference (yet)."""
+        ...
+
+
+class ReportArtifacts(Protocol):
+    """The plots of drift reports."""
+
+    async def put_plot(self, report_id: uuid.UUID, feature: str, png: bytes) -> str:
+        """Store a test's PNG; its key."""
+        ...
+
+    async def get_plot(self, key: str) -> bytes: ...

@@ -16,6 +16,7 @@ from faststream.rabbit import RabbitBroker, TestRabbitBroker
 from flywheel_contracts import (
     DataQualityFailedV1,
     Event,
+    InferenceLoggedV1,
     LabelsSavedV1,
     ProjectConfiguredV1,
     ThresholdReachedV1,
@@ -25,8 +26,9 @@ from flywheel_contracts.events import RetrainPolicy, ThresholdReason
 from flywheel_data_monitor.api import router
 from flywheel_data_monitor.errors import SegmentUnavailableError
 from flywheel_data_monitor.handlers import register
-from flywheel_data_monitor.ports import Decision, ProjectState, QualityReport
-from flywheel_data_monitor.service import DataMonitor
+from flywheel_data_monitor.ports import Decision, DriftSample, ProjectState, QualityReport
+from flywheel_data_monitor.service import DataMonitor, DriftMonitor
+from flywheel_data_monitor.settings import DriftSettings
 from flywheel_runtime.http import install_error_handlers
 from flywheel_runtime.messaging import create_broker, is_retryable
 from flywheel_runtime.topology import Topology
@@ -189,6 +191,7 @@ class Harness:
     monitor: DataMonitor
     broker: RabbitBroker
     topology: Topology
+    drift: "FakeDriftStore"
     sequence: int = 0
     parent: str | None = None
 
@@ -273,15 +276,29 @@ def _configured(
     )
 
 
+class FakeDriftStore:
+    """Keeps drift samples by request id; the checks run against PostgreSQL in integration."""
+
+    def __init__(self) -> None:
+        self.samples: dict[uuid.UUID, DriftSample] = {}
+
+    async def add_drift_samples(self, samples: list[DriftSample]) -> int:
+        new = [s for s in samples if s.request_id not in self.samples]
+        self.samples |= {s.request_id: s for s in new}
+        return len(new)
+
+
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
     store, snapshots, clock = FakeStore(), FakeSnapshots(), Clock()
     monitor = DataMonitor(store, snapshots, default_policy=RetrainPolicy(count=50), clock=clock)
+    drift_store = FakeDriftStore()
+    drift = DriftMonitor(drift_store, None, None, monitor, DriftSettings(), clock=clock)  # type: ignore[arg-type]
     broker = create_broker("amqp://guest:guest@localhost:5672/", app_id="data-monitor")
     topology = Topology(namespace="component.")
-    register(broker, topology, monitor)
+    register(broker, topology, monitor, drift)
     async with TestRabbitBroker(broker) as test_broker:
-        yield Harness(store, snapshots, clock, monitor, test_broker, topology)
+        yield Harness(store, snapshots, clock, monitor, test_broker, topology, drift_store)
 
 
 # --- labels.saved -------------------------------------------------------------------------------
@@ -595,3 +612,60 @@ async def test_read_api_serves_state_decisions_and_reports(harness: Harness) -> 
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "project_not_found"
     assert invalid.status_code == 422
+
+
+# --- inference.logged (drift features) ------------------------------------------------------------
+
+
+def _inference(status: str = "ok", **payload: Any) -> InferenceLoggedV1:
+    return InferenceLoggedV1.model_validate(
+        {
+            "payload": {
+                "request_id": uuid.uuid4(),
+                "project_id": "digits",
+                "model_line": "digits-classifier",
+                "registered_model": "digits-classifier",
+                "model_version": "3",
+                "input_sha256": "a" * 64,
+                "predicted_class": "7",
+                "confidence": 0.9,
+                "latency_ms": 2.0,
+                "status": status,
+                "served_at": START,
+                **payload,
+            }
+        }
+    )
+
+
+async def test_drift_features_of_an_answered_request_are_kept_once(harness: Harness) -> None:
+    stats = {"brightness": 0.2, "contrast": 0.3, "width": 28, "height": 28}
+    event = _inference(embedding=[0.5, -1.0], image_stats=stats, input_key="images/aa/" + "a" * 64)
+
+    await harness.broker.publish(
+        event.model_dump(mode="json"),
+        exchange=harness.topology.exchange_for(InferenceLoggedV1),
+        routing_key=event.routing_key(),
+    )
+    await harness.broker.publish(
+        event.model_dump(mode="json"),
+        exchange=harness.topology.exchange_for(InferenceLoggedV1),
+        routing_key=event.routing_key(),
+    )
+
+    [sample] = harness.drift.samples.values()
+    assert sample.embedding == [0.5, -1.0]
+    assert (sample.brightness, sample.width) == (0.2, 28)
+    assert sample.input_key == "images/aa/" + "a" * 64
+    assert sample.model_version == "3"
+
+
+async def test_failed_or_featureless_requests_are_not_kept(harness: Harness) -> None:
+    for event in (_inference(status="error", embedding=[1.0]), _inference()):
+        await harness.broker.publish(
+            event.model_dump(mode="json"),
+            exchange=harness.topology.exchange_for(InferenceLoggedV1),
+            routing_key=event.routing_key(),
+        )
+
+    assert harness.drift.samples == {}

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel_clients.registry import ModelRegistry
 from flywheel_inference_bff.adapters.cache import RedisPredictionCache
-from flywheel_inference_bff.adapters.images import S3Images, S3Results
+from flywheel_inference_bff.adapters.images import S3Images, S3Inputs, S3Results
 from flywheel_inference_bff.adapters.inference_log import (
     BufferedInferenceLog,
     DisabledInferenceLog,
@@ -115,6 +115,8 @@ def create_app(settings: BffSettings | None = None) -> FastAPI:
             chunk=settings.inference_chunk,
         ),
         metrics=metrics,
+        drift_features=settings.drift_features,
+        inputs=S3Inputs(storage, settings.data_bucket) if settings.keep_inputs else None,
     )
     jobs = BatchJobs(
         SqlJobStore(runtime.database),

@@ -40,6 +40,13 @@ class Inference(Protocol):
         """
         ...
 
+    async def infer_embedded(
+        self, model: str, version: str, images: npt.NDArray[np.float32], *, embedding: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        """Logits and, when ``embedding``, the model's embedding output ``[N, D]`` (for
+        drift checks; only versions that declare one are asked)."""
+        ...
+
     async def ready(self) -> None:
         """Readiness: raises unless the server says it is ready."""
         ...
@@ -75,6 +82,14 @@ class InferenceLog(Protocol):
     def enabled(self) -> bool: ...
 
     def offer(self, event: InferenceLoggedV1) -> None: ...
+
+
+class Inputs(Protocol):
+    """Where answered inputs are kept for later labeling (drift's needs-label queue)."""
+
+    async def keep(self, sha256: str, data: bytes) -> str:
+        """Store the image content-addressed; its key in the data bucket."""
+        ...
 
 
 class Images(Protocol):

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import structlog
+from PIL import Image
 from pydantic import ValidationError
 
 from flywheel_clients.registry import CHAMPION
@@ -38,6 +40,7 @@ from flywheel_contracts import (
     ProjectConfiguredV1,
     RolloutStepV1,
 )
+from flywheel_contracts.datasets import image_key
 from flywheel_contracts.events import InferenceLoggedPayload
 from flywheel_inference_bff.errors import (
     FieldError,
@@ -52,6 +55,7 @@ from flywheel_inference_bff.ports import (
     Images,
     Inference,
     InferenceLog,
+    Inputs,
     PredictionCache,
     Registry,
     RouteStore,
@@ -73,7 +77,7 @@ from flywheel_runtime.errors import (
     NotFoundError,
 )
 from flywheel_vision.contract import signature_or_reference
-from flywheel_vision.preprocess import PreprocessSpec, preprocess
+from flywheel_vision.preprocess import PreprocessSpec, image_statistics, preprocess
 
 log = structlog.get_logger(__name__)
 
@@ -123,6 +127,8 @@ class Prediction:
     input_sha256: str
     latency_ms: float
     cached: bool = False
+    statistics: dict[str, float | int] | None = field(default=None, repr=False, compare=False)
+    embedding: list[float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def predicted_class(self) -> str:
@@ -168,6 +174,8 @@ class _Item:
     probabilities: list[float] | None = None
     cached: bool = False
     error: FieldError | None = None
+    statistics: dict[str, float | int] | None = None
+    embedding: list[float] | None = None
 
 
 # --- routing ------------------------------------------------------------------------------------
@@ -329,6 +337,8 @@ class ServedVersion:
     """Class names in output order."""
     preprocessing: PreprocessSpec
     """How its images are prepared, as its ``model.json`` declares."""
+    embedding: bool = False
+    """Whether it declares an embedding output (asked for, and logged, for drift checks)."""
 
 
 class ServedVersions:
@@ -367,7 +377,9 @@ class ServedVersions:
                     f"usable preprocessing: {error.message}",
                     details=details,
                 ) from error
-            served = ServedVersion(labels, signature.preprocessing)
+            served = ServedVersion(
+                labels, signature.preprocessing, embedding=signature.embedding is not None
+            )
             if len(self._versions) >= self._max_entries:
                 self._versions.pop(next(iter(self._versions)))
             self._versions[key] = served
@@ -393,7 +405,11 @@ class Predictor:
         limits: Limits | None = None,
         metrics: BffMetrics | None = None,
         clock: Callable[[], datetime] = utcnow,
+        drift_features: bool = False,
+        inputs: Inputs | None = None,
     ) -> None:
+        self._drift_features = drift_features
+        self._inputs = inputs
         self._routing = routing
         self._inference = inference
         self._versions = versions
@@ -441,7 +457,7 @@ class Predictor:
             pending = [i for i in items if i.error is None]
             await self._from_cache(pending, labels)
             await self._preprocess([i for i in pending if i.probabilities is None], served)
-            await self._infer([i for i in pending if i.error is None and not i.cached], labels)
+            await self._infer([i for i in pending if i.error is None and not i.cached], served)
         except FlywheelError as error:
             latency = _ms_since(started)
             unreachable = isinstance(error, InferenceUnreachableError)
@@ -468,8 +484,10 @@ class Predictor:
                 input_sha256=item.sha256 or "",
                 latency_ms=latency,
                 cached=item.cached,
+                statistics=item.statistics,
+                embedding=item.embedding,
             )
-            self._record_ok(prediction, options)
+            self._record_ok(prediction, options, item.data)
             outcomes.append(prediction)
         return outcomes
 
@@ -533,12 +551,13 @@ class Predictor:
     async def _preprocess(self, items: list[_Item], served: Mapping[Target, ServedVersion]) -> None:
         if not items:
             return
+        statistics = self._drift_features
         if sum(len(i.data or b"") for i in items) <= INLINE_PREPROCESS_BYTES:
-            _preprocess_items(items, served)
+            _preprocess_items(items, served, statistics=statistics)
         else:
-            await asyncio.to_thread(_preprocess_items, items, served)
+            await asyncio.to_thread(_preprocess_items, items, served, statistics=statistics)
 
-    async def _infer(self, items: list[_Item], labels: Mapping[Target, list[str]]) -> None:
+    async def _infer(self, items: list[_Item], served: Mapping[Target, ServedVersion]) -> None:
         by_target: dict[Target, list[_Item]] = {}
         for item in items:
             by_target.setdefault(item.target, []).append(item)
@@ -551,10 +570,10 @@ class Predictor:
             # The common case, one image or one small batch: gather would wrap the call in a
             # task of its own, a scheduling round trip per request for nothing.
             ((target, chunk),) = chunks
-            await self._infer_chunk(target, chunk, labels[target])
+            await self._infer_chunk(target, chunk, served[target])
         else:
             results = await asyncio.gather(
-                *(self._infer_chunk(target, chunk, labels[target]) for target, chunk in chunks),
+                *(self._infer_chunk(target, chunk, served[target]) for target, chunk in chunks),
                 return_exceptions=True,
             )
             for result in results:
@@ -567,9 +586,16 @@ class Predictor:
             # Written in the background: the answer does not wait for the cache.
             self._spawn(self._cache.put(fresh))
 
-    async def _infer_chunk(self, target: Target, chunk: list[_Item], labels: list[str]) -> None:
+    async def _infer_chunk(self, target: Target, chunk: list[_Item], served: ServedVersion) -> None:
+        labels = served.labels
         batch = np.stack([i.tensor for i in chunk if i.tensor is not None])
-        logits = await self._inference.infer(target.registered_model, target.version, batch)
+        embeddings = None
+        if self._drift_features and served.embedding:
+            logits, embeddings = await self._inference.infer_embedded(
+                target.registered_model, target.version, batch, embedding=True
+            )
+        else:
+            logits = await self._inference.infer(target.registered_model, target.version, batch)
         if logits.ndim != 2 or logits.shape != (len(chunk), len(labels)):
             raise ModelUnusableError(
                 f"version {target.version} of {target.registered_model!r} answered logits of "
@@ -578,6 +604,10 @@ class Predictor:
             )
         for item, row in zip(chunk, softmax(logits), strict=True):
             item.probabilities = [float(p) for p in row]
+        if embeddings is not None and embeddings.ndim == 2 and len(embeddings) == len(chunk):
+            for item, vector in zip(chunk, embeddings, strict=True):
+                # Four decimals: drift compares distributions, and the log stays small.
+                item.embedding = [round(float(v), 4) for v in vector]
 
     def _spawn(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)
@@ -586,14 +616,23 @@ class Predictor:
 
     # --- logging ------------------------------------------------------------------------------
 
-    def _record_ok(self, prediction: Prediction, options: PredictOptions) -> None:
+    def _record_ok(
+        self, prediction: Prediction, options: PredictOptions, data: bytes | None = None
+    ) -> None:
         self._metrics.predictions.labels(
             prediction.model_line, prediction.model_version, "ok"
         ).inc()
         if not self._log.enabled:
             return
+        input_key = None
+        if self._inputs is not None and data is not None and options.route == "online":
+            input_key = image_key(prediction.input_sha256)
+            self._spawn(_keep_input(self._inputs, prediction.input_sha256, data))
         self._offer(
             {
+                "image_stats": prediction.statistics,
+                "embedding": prediction.embedding,
+                "input_key": input_key,
                 "request_id": prediction.prediction_id,
                 "project_id": self._routing.project_for(prediction.model_line),
                 "model_line": prediction.model_line,
@@ -651,16 +690,32 @@ class Predictor:
         self._log.offer(event)
 
 
-def _preprocess_items(items: list[_Item], served: Mapping[Target, ServedVersion]) -> None:
+def _preprocess_items(
+    items: list[_Item], served: Mapping[Target, ServedVersion], *, statistics: bool = False
+) -> None:
     for item in items:
         if item.data is None:
             continue
         try:
-            item.tensor = preprocess(item.data, served[item.target].preprocessing)
-        except (FlywheelError, OSError, ValueError) as error:
+            # Decoded once for both: the tensor and the statistics drift compares.
+            picture = Image.open(io.BytesIO(item.data))
+            picture.load()
+            item.tensor = preprocess(picture, served[item.target].preprocessing)
+            if statistics:
+                item.statistics = image_statistics(picture)
+        except (FlywheelError, OSError, ValueError, Image.DecompressionBombError) as error:
             # The header was readable (checked before), the pixels are not: truncated, corrupt.
             item.error = InvalidImageError("image is truncated or corrupt", field=item.field)
             item.error.__cause__ = error
+
+
+async def _keep_input(inputs: Inputs, sha256: str, data: bytes) -> None:
+    """Keep an answered image for labeling; its log names the key either way (a lost one
+    only costs the labelers that image)."""
+    try:
+        await inputs.keep(sha256, data)
+    except FlywheelError as error:
+        log.warning("input not kept for labeling", input_sha256=sha256, error=error.code)
 
 
 def _cache_key(item: _Item) -> str:

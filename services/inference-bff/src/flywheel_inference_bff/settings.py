@@ -87,6 +87,14 @@ class BffSettings(ServiceSettings):
     inference_chunk: int = Field(default=64, ge=1)
     """Most images sent to Triton in one call."""
 
+    drift_features: bool = True
+    """Log, with each answered request, the image's statistics and (for versions that declare
+    one) the model's embedding: what data-monitor's drift checks compare."""
+
+    keep_inputs: bool = True
+    """Keep each answered online image in the data bucket (``images/``, content-addressed, as
+    labeling keeps its own), so drift can ask labelers to label the images that drifted."""
+
     max_image_bytes: int = Field(default=10 * MIB, ge=1)
     """Largest image accepted, in bytes; larger ones get 413."""
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from flywheel_contracts import InferenceLoggedV1
-from flywheel_contracts.events import InferenceLoggedPayload
+from flywheel_contracts.events import ImageStatistics, InferenceLoggedPayload
 from flywheel_inference_bff.logworker.layout import (
     ENVELOPE_COLUMNS,
     SCHEMA,
@@ -104,7 +104,10 @@ def test_hours_between_covers_every_hour_the_range_touches() -> None:
 
 
 def test_schema_holds_every_payload_field_and_the_envelope_ids() -> None:
-    expected = {*ENVELOPE_COLUMNS, *InferenceLoggedPayload.model_fields}
+    # Image statistics are flattened into a column each.
+    flattened = set(ImageStatistics.model_fields)
+    expected = {*ENVELOPE_COLUMNS, *InferenceLoggedPayload.model_fields, *flattened}
+    expected.discard("image_stats")
 
     assert set(SCHEMA.names) == expected
     assert SCHEMA.field("served_at").type == pa.timestamp("us", tz="UTC")
@@ -135,6 +138,25 @@ def test_rows_survive_parquet_with_the_fixed_schema_even_when_all_optionals_are_
     assert row["predicted_class"] is None
     assert row["error_code"] == "x"
     assert row["request_id"] == InferenceLoggedV1.EXAMPLE["request_id"]
+
+
+def test_drift_features_are_stored_with_the_log() -> None:
+    logged = InferenceLoggedV1.model_validate(
+        {
+            "payload": InferenceLoggedV1.EXAMPLE
+            | {
+                "embedding": [0.25, -1.5, 3.0],
+                "image_stats": {"brightness": 0.2, "contrast": 0.3, "width": 28, "height": 32},
+                "input_key": "images/9f/" + "9" * 64,
+            }
+        }
+    )
+
+    [row] = decode(encode(to_table([logged, event()]))).to_pylist()[:1]
+
+    assert row["embedding"] == [0.25, -1.5, 3.0]
+    assert (row["brightness"], row["contrast"], row["width"], row["height"]) == (0.2, 0.3, 28, 32)
+    assert row["input_key"] == "images/9f/" + "9" * 64
 
 
 def test_conform_fills_columns_an_older_file_lacks_and_drops_unknown_ones() -> None:

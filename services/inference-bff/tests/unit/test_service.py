@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flywheel_contracts import ProjectConfiguredV1, RolloutStepV1
+from flywheel_contracts.datasets import image_key
 from flywheel_inference_bff.errors import (
     ImageNotFoundError,
     InferenceUnavailableError,
@@ -19,7 +20,7 @@ from flywheel_inference_bff.scoring import softmax
 from flywheel_inference_bff.service import ItemFailure, Prediction, PredictOptions, Target
 from flywheel_runtime.errors import DependencyUnavailableError
 from flywheel_vision.contract import ModelSignature, TensorSpec
-from flywheel_vision.preprocess import PreprocessSpec, preprocess
+from flywheel_vision.preprocess import MNIST_PREPROCESS, PreprocessSpec, preprocess
 
 from ..conftest import digit_image
 from ..fakes import MODEL, counter, settle, version_logits, world
@@ -329,3 +330,61 @@ async def test_a_version_whose_model_json_is_broken_is_a_deployment_fault() -> N
 
     with pytest.raises(ModelUnusableError, match="declares no usable preprocessing"):
         await w.predictor.predict(png(1), OPTIONS)
+
+
+def _declaring_embedding(size: int) -> bytes:
+    return (
+        ModelSignature(
+            inputs=(TensorSpec(name="image", shape=(-1, 1, 28, 28)),),
+            outputs=(TensorSpec(name="logits", shape=(-1, 10)),),
+            embedding=TensorSpec(name="embedding", shape=(-1, size)),
+            preprocessing=MNIST_PREPROCESS,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+async def test_drift_features_and_the_kept_input_go_with_the_log() -> None:
+    w = world(drift=True)
+    w.serve("1", champion=True)
+    w.registry.model_json[(MODEL, "1")] = _declaring_embedding(2)
+    image = png(3)
+
+    prediction = await w.predictor.predict(image, OPTIONS)
+    await w.predictor.close()
+
+    [logged] = w.log.events
+    payload = logged.payload
+    assert payload.image_stats is not None
+    assert (payload.image_stats.width, payload.image_stats.height) == (28, 28)
+    assert 0 < payload.image_stats.brightness < 0.5, "a dark digit on black"
+    tensor = preprocess(image.data)
+    assert payload.embedding == pytest.approx([tensor.mean(), tensor.std()], abs=1e-4)
+    assert payload.input_key == image_key(prediction.input_sha256)
+    assert w.inputs.kept == {payload.input_key: image.data}
+
+
+async def test_a_version_without_an_embedding_logs_statistics_only() -> None:
+    w = world(drift=True)
+    w.serve("1", champion=True)
+
+    await w.predictor.predict(png(4), OPTIONS)
+
+    [logged] = w.log.events
+    assert logged.payload.embedding is None
+    assert logged.payload.image_stats is not None
+    assert w.inference.calls == [(MODEL, "1", 1)]
+
+
+async def test_without_drift_features_nothing_is_computed_or_kept() -> None:
+    w = world()
+    w.serve("1", champion=True)
+    w.registry.model_json[(MODEL, "1")] = _declaring_embedding(2)
+
+    await w.predictor.predict(png(5), OPTIONS)
+
+    [logged] = w.log.events
+    assert (logged.payload.embedding, logged.payload.image_stats) == (None, None)
+    assert logged.payload.input_key is None
+    assert w.inputs.kept == {}

@@ -7,9 +7,11 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -99,4 +101,57 @@ quarantined_labels = Table(
     Column("batch_id", Uuid, nullable=False),
     Column("report_id", Uuid, ForeignKey("quality_reports.report_id"), nullable=False),
     Column("quarantined_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+drift_samples = Table(
+    "drift_samples",
+    metadata,
+    Column("request_id", Uuid, primary_key=True),
+    Column("project_id", String(63), nullable=False),
+    Column("model_line", String(63), nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("served_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("embedding", LargeBinary),
+    Column("brightness", Float),
+    Column("contrast", Float),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("predicted_class", Text),
+    Column("confidence", Float),
+    Column("input_sha256", String(64), nullable=False),
+    Column("input_key", Text),
+    Index("drift_samples_by_line", "model_line", "served_at"),
+    Index("drift_samples_by_arrival", "model_line", "received_at"),
+)
+"""Drift features of recent inferences; embeddings as little-endian float32 bytes."""
+
+drift_lines = Table(
+    "drift_lines",
+    metadata,
+    Column("model_line", String(63), primary_key=True),
+    Column("project_id", String(63), nullable=False),
+    Column("last_checked_at", DateTime(timezone=True)),
+    Column("last_report_id", Uuid),
+    Column("last_action", String(32)),
+    Column("last_action_at", DateTime(timezone=True)),
+    Column("last_action_version", Text),
+)
+
+drift_reports = Table(
+    "drift_reports",
+    metadata,
+    Column("report_id", Uuid, primary_key=True),
+    Column("project_id", String(63), nullable=False),
+    Column("model_line", String(63), nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("drifted", Boolean, nullable=False),
+    Column("action", String(32)),
+    Column("note", Text),
+    Column("event_id", Uuid),
+    Column("report", JSONB, nullable=False),
+    Column("plots", JSONB, nullable=False),
+    Index("drift_reports_by_project", "project_id", "created_at"),
 )

@@ -7,7 +7,7 @@ from typing import Annotated, cast
 from fastapi import Depends, Path, Query, Request
 
 from flywheel_contracts.events import SLUG
-from flywheel_data_monitor.service import DataMonitor
+from flywheel_data_monitor.service import DataMonitor, DriftMonitor
 from flywheel_runtime.auth import get_reader as get_reader
 
 
@@ -17,6 +17,14 @@ def get_monitor(request: Request) -> DataMonitor:
 
 
 MonitorDep = Annotated[DataMonitor, Depends(get_monitor)]
+
+
+def get_drift(request: Request) -> DriftMonitor:
+    """The drift monitor ``create_app`` put on the app's state."""
+    return cast(DriftMonitor, request.app.state.drift)
+
+
+DriftDep = Annotated[DriftMonitor, Depends(get_drift)]
 
 
 ProjectId = Annotated[str, Path(pattern=SLUG, description="Project id (slug).")]

@@ -1,11 +1,22 @@
-"""Read-only routes: thin fronts on ``DataMonitor``; an unknown project answers 404."""
+"""Read-only routes: thin fronts on ``DataMonitor`` and ``DriftMonitor``; an unknown project
+or report answers 404."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import uuid
+from typing import Annotated
 
-from flywheel_data_monitor.api.deps import Limit, MonitorDep, ProjectId, get_reader
-from flywheel_data_monitor.api.schemas import DecisionsOut, ProjectStateOut, QualityReportsOut
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import Response
+
+from flywheel_data_monitor.api.deps import DriftDep, Limit, MonitorDep, ProjectId, get_reader
+from flywheel_data_monitor.api.schemas import (
+    DecisionsOut,
+    DriftReportsOut,
+    ProjectStateOut,
+    QualityReportsOut,
+)
+from flywheel_data_monitor.ports import StoredDriftReport
 
 router = APIRouter(
     prefix="/v1/projects/{project_id}", tags=["projects"], dependencies=[Depends(get_reader)]
@@ -34,3 +45,33 @@ async def project_quality_reports(
 ) -> QualityReportsOut:
     """Data-quality reports of the project's batches, newest first, with every check's figures."""
     return QualityReportsOut(reports=await monitor.reports(project_id, limit))
+
+
+drift_router = APIRouter(prefix="/v1", tags=["drift"], dependencies=[Depends(get_reader)])
+
+Feature = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_-]{0,63}$", description="A test's feature.")]
+
+
+@drift_router.get("/projects/{project_id}/drift-reports")
+async def project_drift_reports(
+    project_id: ProjectId, drift: DriftDep, limit: Limit = 50
+) -> DriftReportsOut:
+    """Drift checks of the project's model lines, newest first: every test's numbers and
+    p-values, what followed, and the keys of the plots."""
+    return DriftReportsOut(reports=await drift.reports(project_id, limit))
+
+
+@drift_router.get("/drift-reports/{report_id}")
+async def drift_report(report_id: uuid.UUID, drift: DriftDep) -> StoredDriftReport:
+    """One drift report, whole."""
+    return await drift.report(report_id)
+
+
+@drift_router.get(
+    "/drift-reports/{report_id}/plots/{feature}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The test's plot."}},
+)
+async def drift_plot(report_id: uuid.UUID, feature: Feature, drift: DriftDep) -> Response:
+    """The PNG of one test of a report (reference against window)."""
+    return Response(await drift.plot(report_id, feature), media_type="image/png")

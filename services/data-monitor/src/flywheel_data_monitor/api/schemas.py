@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from flywheel_contracts.events import RetrainPolicy
 from flywheel_data_monitor.policy import Evaluation
-from flywheel_data_monitor.ports import Decision, ProjectState, QualityReport
+from flywheel_data_monitor.ports import Decision, ProjectState, QualityReport, StoredDriftReport
 
 
 class PendingOut(BaseModel):
@@ -71,3 +71,7 @@ class DecisionsOut(BaseModel):
 
 class QualityReportsOut(BaseModel):
     reports: list[QualityReport]
+
+
+class DriftReportsOut(BaseModel):
+    reports: list[StoredDriftReport]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+from flywheel_contracts.datasets import image_key
 from flywheel_inference_bff.errors import (
     ImageNotFoundError,
     ImageSourceRefusedError,
@@ -59,3 +62,27 @@ class S3Results:
 
 def part_key(prefix: str, index: int) -> str:
     return f"{prefix}part-{index:06d}.jsonl"
+
+
+class S3Inputs:
+    """Answered inputs, kept where labeling keeps images (``flywheel_contracts.datasets``):
+    a labeling request for one of them points at bytes a labeler can fetch."""
+
+    def __init__(self, storage: ObjectStorage, bucket: str, *, remember: int = 100_000) -> None:
+        self._storage = storage
+        self._bucket = bucket
+        self._remember = remember
+        self._kept: OrderedDict[str, None] = OrderedDict()
+        """Images this replica kept lately: a popular image costs one S3 call, not one each."""
+
+    async def keep(self, sha256: str, data: bytes) -> str:
+        key = image_key(sha256)
+        if sha256 in self._kept:
+            self._kept.move_to_end(sha256)
+            return key
+        if not await self._storage.exists(self._bucket, key):
+            await self._storage.put(self._bucket, key, data)
+        self._kept[sha256] = None
+        if len(self._kept) > self._remember:
+            self._kept.popitem(last=False)
+        return key

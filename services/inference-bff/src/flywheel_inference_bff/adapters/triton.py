@@ -15,6 +15,7 @@ messages go to the log, not to the client.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Literal
 
 import aiohttp
@@ -33,7 +34,7 @@ from flywheel_inference_bff.errors import (
     ModelUnusableError,
 )
 from flywheel_runtime.errors import FlywheelError
-from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME
+from flywheel_vision.preprocess import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,15 @@ _UNAVAILABLE_STATUSES = frozenset(
 )
 
 
+_UNEXPECTED_OUTPUT = "unexpected inference output"
+"""What Triton says when a request asks for an output its config does not declare."""
+_NO_EMBEDDING_TTL_S = 5.0
+
+
+class _EmbeddingNotServedError(Exception):
+    """Triton refused the embedding output: the model's config does not declare it (yet)."""
+
+
 class TritonInference:
     """One Triton endpoint; safe to share across the tasks of one event loop."""
 
@@ -72,6 +82,8 @@ class TritonInference:
         self._connections = connections
         self._client: httpclient.InferenceServerClient | grpcclient.InferenceServerClient | None
         self._client = None
+        self._no_embedding: dict[str, float] = {}
+        """Model → until when Triton is known not to serve its embedding output."""
 
     @property
     def protocol(self) -> TritonProtocol:
@@ -100,9 +112,30 @@ class TritonInference:
     async def infer(
         self, model: str, version: str, images: npt.NDArray[np.float32]
     ) -> npt.NDArray[np.float32]:
+        logits, _ = await self.infer_embedded(model, version, images, embedding=False)
+        return logits
+
+    async def infer_embedded(
+        self, model: str, version: str, images: npt.NDArray[np.float32], *, embedding: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        # Triton declares the embedding output only while every served version of the model
+        # has one (a champion from before embeddings beside a candidate with one: it does
+        # not). A refusal is remembered for a while and the request goes on without it.
+        if embedding and time.monotonic() < self._no_embedding.get(model, 0.0):
+            embedding = False
+        try:
+            return await self._infer(model, version, images, embedding=embedding)
+        except _EmbeddingNotServedError:
+            self._no_embedding[model] = time.monotonic() + _NO_EMBEDDING_TTL_S
+            return await self._infer(model, version, images, embedding=False)
+
+    async def _infer(
+        self, model: str, version: str, images: npt.NDArray[np.float32], *, embedding: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
         details = {"model": model, "version": version}
         client = self._get_client()
-        inputs, outputs = self._tensors(images)
+        names = (OUTPUT_NAME, EMBEDDING_NAME) if embedding else (OUTPUT_NAME,)
+        inputs, outputs = self._tensors(images, names)
         try:
             # A deadline on this task, not wait_for: that would run the call as a task of its
             # own, a scheduling round trip per request.
@@ -115,6 +148,8 @@ class TritonInference:
                 details=details,
             ) from error
         except InferenceServerException as error:
+            if embedding and _UNEXPECTED_OUTPUT in str(error.message() or "").lower():
+                raise _EmbeddingNotServedError from error
             raise _translate(error, details) from error
         except (aiohttp.ClientError, OSError) as error:
             raise InferenceUnreachableError(
@@ -123,7 +158,11 @@ class TritonInference:
         logits = result.as_numpy(OUTPUT_NAME)
         if logits is None:
             raise ModelUnusableError(f"the model answered no {OUTPUT_NAME!r}", details=details)
-        return np.asarray(logits, dtype=np.float32)
+        embedded = result.as_numpy(EMBEDDING_NAME) if embedding else None
+        return (
+            np.asarray(logits, dtype=np.float32),
+            None if embedded is None else np.asarray(embedded, dtype=np.float32),
+        )
 
     def _get_client(self) -> httpclient.InferenceServerClient | grpcclient.InferenceServerClient:
         if self._client is None:
@@ -135,15 +174,19 @@ class TritonInference:
                 )
         return self._client
 
-    def _tensors(self, images: npt.NDArray[np.float32]) -> tuple[list[Any], list[Any]]:
+    def _tensors(
+        self, images: npt.NDArray[np.float32], names: tuple[str, ...]
+    ) -> tuple[list[Any], list[Any]]:
         batch = np.ascontiguousarray(images, dtype=np.float32)
         if self._protocol == "grpc":
             grpc_input = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "FP32")
             grpc_input.set_data_from_numpy(batch)
-            return [grpc_input], [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
+            return [grpc_input], [grpcclient.InferRequestedOutput(name) for name in names]
         http_input = httpclient.InferInput(INPUT_NAME, list(batch.shape), "FP32")
         http_input.set_data_from_numpy(batch, binary_data=True)
-        return [http_input], [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+        return [http_input], [
+            httpclient.InferRequestedOutput(name, binary_data=True) for name in names
+        ]
 
 
 def _translate(error: InferenceServerException, details: dict[str, str]) -> FlywheelError:

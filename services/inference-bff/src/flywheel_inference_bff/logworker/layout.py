@@ -46,6 +46,12 @@ SCHEMA: Final = pa.schema(
         pa.field("route", pa.string(), nullable=False),
         pa.field("served_at", TIMESTAMP, nullable=False),
         pa.field("serving_unavailable", pa.bool_()),
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("brightness", pa.float64()),
+        pa.field("contrast", pa.float64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("input_key", pa.string()),
     ],
     metadata={"flywheel.event": InferenceLoggedV1.TYPE, "flywheel.version": "1"},
 )
@@ -153,6 +159,8 @@ def row(event: InferenceLoggedV1) -> dict[str, Any]:
         **payload,
         "request_id": str(payload["request_id"]),
         "served_at": as_utc(event.payload.served_at),
+        # Image statistics are flattened: one column each, which query engines prune.
+        **(payload.get("image_stats") or {}),
     }
     return {name: values.get(name) for name in SCHEMA.names}
 
