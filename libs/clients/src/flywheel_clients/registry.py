@@ -21,7 +21,7 @@ import asyncio
 import functools
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TypeVar
@@ -302,52 +302,47 @@ class ModelRegistry:
     def _download_small(
         self, name: str, version: str, *, with_model_json: bool
     ) -> tuple[list[str], bytes | None]:
-        source = self._client.get_model_version_download_uri(name, version)
-        repository = get_artifact_repository(
-            source, tracking_uri=self._tracking_uri, registry_uri=self._registry_uri
-        )
         details = {"model": name, "version": version}
-        listed = {Path(item.path).name for item in repository.list_artifacts() if not item.is_dir}
-        if LABELS_FILE not in listed:
-            raise NotFoundError(f"model version artifacts lack {LABELS_FILE}", details=details)
-        wanted = [LABELS_FILE]
-        if with_model_json and MODEL_JSON_FILE in listed:
-            wanted.append(MODEL_JSON_FILE)
-        contents: dict[str, bytes] = {}
-        with tempfile.TemporaryDirectory(prefix="flywheel-labels-") as tmp:
-            for file_name in wanted:
-                try:
-                    local = download_artifacts(
-                        artifact_uri=f"{source.rstrip('/')}/{file_name}",
-                        dst_path=tmp,
-                        tracking_uri=self._tracking_uri,
-                        registry_uri=self._registry_uri,
-                    )
-                except MlflowException as exc:
-                    raise DependencyUnavailableError(
-                        "model registry could not serve an artifact",
-                        details=details | {"file": file_name},
-                    ) from exc
-                contents[file_name] = Path(local).read_bytes()
+        optional = (MODEL_JSON_FILE,) if with_model_json else ()
+        contents = self._fetch(name, version, (LABELS_FILE,), optional)
         return _labels(contents[LABELS_FILE], details), contents.get(MODEL_JSON_FILE)
 
     def _download(self, name: str, version: str) -> ModelFiles:
+        details = {"model": name, "version": version}
+        contents = self._fetch(
+            name,
+            version,
+            (ONNX_FILE, LABELS_FILE),
+            (STATE_DICT_FILE, CONFIG_FILE, MODEL_JSON_FILE),
+        )
+        config = contents.get(CONFIG_FILE)
+        return ModelFiles(
+            name=name,
+            version=version,
+            onnx=contents[ONNX_FILE],
+            labels=_labels(contents[LABELS_FILE], details),
+            state_dict=contents.get(STATE_DICT_FILE),
+            config_pbtxt=None if config is None else config.decode("utf-8", errors="replace"),
+            model_json=contents.get(MODEL_JSON_FILE),
+        )
+
+    def _fetch(
+        self, name: str, version: str, required: Sequence[str], optional: Sequence[str]
+    ) -> dict[str, bytes]:
+        """The version's ``required`` artifacts (``NotFoundError`` naming a missing one) and
+        those of ``optional`` it has, by file name."""
         source = self._client.get_model_version_download_uri(name, version)
         repository = get_artifact_repository(
             source, tracking_uri=self._tracking_uri, registry_uri=self._registry_uri
         )
         listed = {Path(item.path).name for item in repository.list_artifacts() if not item.is_dir}
         details = {"model": name, "version": version}
-        for required in (ONNX_FILE, LABELS_FILE):
-            if required not in listed:
-                raise NotFoundError(f"model version artifacts lack {required}", details=details)
-        wanted = [
-            f
-            for f in (ONNX_FILE, LABELS_FILE, STATE_DICT_FILE, CONFIG_FILE, MODEL_JSON_FILE)
-            if f in listed
-        ]
+        for file_name in required:
+            if file_name not in listed:
+                raise NotFoundError(f"model version artifacts lack {file_name}", details=details)
+        wanted = [*required, *(f for f in optional if f in listed)]
+        contents: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
-            contents: dict[str, bytes] = {}
             for file_name in wanted:
                 try:
                     local = download_artifacts(
@@ -363,16 +358,7 @@ class ModelRegistry:
                         details=details | {"file": file_name},
                     ) from exc
                 contents[file_name] = Path(local).read_bytes()
-        config = contents.get(CONFIG_FILE)
-        return ModelFiles(
-            name=name,
-            version=version,
-            onnx=contents[ONNX_FILE],
-            labels=_labels(contents[LABELS_FILE], details),
-            state_dict=contents.get(STATE_DICT_FILE),
-            config_pbtxt=None if config is None else config.decode("utf-8", errors="replace"),
-            model_json=contents.get(MODEL_JSON_FILE),
-        )
+        return contents
 
     async def _run(
         self,
