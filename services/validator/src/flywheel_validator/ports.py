@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -44,6 +44,9 @@ class HeldOutSplit:
     images: list[LabeledImage]
     undecodable: int = 0
     """Images of the split that are not decodable and were left out."""
+    validation: list[LabeledImage] = field(default_factory=list)
+    """The VALIDATION split, read only when asked for: with TEST, the drift reference, which
+    wants every image the model did not train on (gates judge on TEST alone)."""
 
 
 class Validation(BaseModel):
@@ -101,10 +104,16 @@ class SplitReader(Protocol):
     """Held-out data of dataset snapshots."""
 
     async def test_split(
-        self, project_id: str, snapshot_id: str, *, excluded: frozenset[uuid.UUID] = frozenset()
+        self,
+        project_id: str,
+        snapshot_id: str,
+        *,
+        excluded: frozenset[uuid.UUID] = frozenset(),
+        with_validation: bool = False,
     ) -> HeldOutSplit:
-        """The TEST split without the ``excluded`` (quarantined) labels; ``NotFoundError`` when
-        the snapshot or an image is missing; ``DependencyUnavailable`` while S3 is away."""
+        """The TEST split (and the VALIDATION one when ``with_validation``) without the
+        ``excluded`` (quarantined) labels; ``NotFoundError`` when the snapshot or an image is
+        missing; ``DependencyUnavailable`` while S3 is away."""
         ...
 
 

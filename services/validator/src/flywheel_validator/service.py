@@ -256,6 +256,7 @@ class Validator:
                 trained.project_id,
                 trained.snapshot_id,
                 excluded=frozenset(trained.excluded_label_ids),
+                with_validation=self._references is not None,
             )
         except NotFoundError as error:
             return Assessment.failed(
@@ -273,7 +274,7 @@ class Validator:
             )
         parity = await self._evaluator.parity(candidate_files, split.images)
         notes += _unknown_note("candidate", candidate)
-        await self._write_reference(trained, candidate_files, split.images)
+        await self._write_reference(trained, candidate_files, split.images + split.validation)
 
         champion_score: ModelScore | None = None
         champion_version: str | None = None
@@ -326,7 +327,8 @@ class Validator:
     async def _write_reference(
         self, trained: ModelTrainedPayload, files: ModelFiles, images: list[LabeledImage]
     ) -> None:
-        """Write the candidate's drift reference on the TEST images; a failure only warns.
+        """Write the candidate's drift reference on the held-out images (TEST and VALIDATION:
+        images it did not train on look to it as production's should); a failure only warns.
 
         Drift checks of this version start without a reference until it exists, which costs
         less than holding up (or redelivering) a verdict the canary waits for.

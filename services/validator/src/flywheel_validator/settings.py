@@ -113,7 +113,8 @@ class ValidatorSettings(ServiceSettings):
 
     drift_reference: bool = True
     """Write each scored candidate's drift reference (its predictions, embeddings and image
-    statistics on the TEST split) to the data bucket, for data-monitor's drift checks."""
+    statistics on the held-out TEST and VALIDATION splits) to the data bucket, for
+    data-monitor's drift checks."""
 
     drift_reference_prefix: str = Field(default=DEFAULT_PREFIX, min_length=1)
     """Data-bucket prefix of the drift references (``<prefix>/<model line>/<version>.npz``);

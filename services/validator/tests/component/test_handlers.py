@@ -169,20 +169,30 @@ class FakeRegistry:
 @dataclass
 class FakeSplits:
     images: int = 150
+    validation_images: int = 50
     missing: bool = False
     undecodable: int = 0
     read: list[tuple[str, str]] = field(default_factory=list)
     excluded: list[frozenset[uuid.UUID]] = field(default_factory=list)
 
     async def test_split(
-        self, project_id: str, snapshot_id: str, *, excluded: frozenset[uuid.UUID] = frozenset()
+        self,
+        project_id: str,
+        snapshot_id: str,
+        *,
+        excluded: frozenset[uuid.UUID] = frozenset(),
+        with_validation: bool = False,
     ) -> HeldOutSplit:
         self.read.append((project_id, snapshot_id))
         self.excluded.append(excluded)
         if self.missing:
             raise NotFoundError("object not found")
         images = [LabeledImage(class_name=str(i % 10), data=b"png") for i in range(self.images)]
-        return HeldOutSplit(snapshot_id, images, undecodable=self.undecodable)
+        validation = [
+            LabeledImage(class_name=str(i % 10), data=b"val")
+            for i in range(self.validation_images if with_validation else 0)
+        ]
+        return HeldOutSplit(snapshot_id, images, self.undecodable, validation)
 
 
 @dataclass
@@ -345,8 +355,9 @@ async def test_a_first_version_that_meets_the_floors_passes_and_becomes_challeng
     assert harness.store.claimed == {event.event_id}
     assert harness.splits.read == [("digits", SNAPSHOT)]
     assert harness.evaluator.checked == [("1", 150)]
+    # Gates judge on TEST; the drift reference is every held-out image, VALIDATION too.
     reference = harness.references.written[(MODEL, "1")]
-    assert len(reference.predicted) == 150
+    assert reference.predicted.count("0") == 20  # 15 of TEST, 5 of VALIDATION
 
 
 # --- drift references ---------------------------------------------------------------------------
@@ -368,7 +379,7 @@ async def test_the_candidate_drift_reference_is_written_whatever_the_verdict(
     assert list(harness.references.written) == [(MODEL, "2")]
     reference = harness.references.written[(MODEL, "2")]
     assert reference.embeddings is not None
-    assert reference.embeddings.shape == (150, 64)
+    assert reference.embeddings.shape == (200, 64)
 
 
 @pytest.mark.parametrize("fault", ["store down", "model unusable"])

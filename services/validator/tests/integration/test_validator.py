@@ -83,6 +83,8 @@ class Data:
     snapshot_id: str
     poisoned_snapshot_id: str
     test_images: int
+    held_out_images: int
+    """TEST and VALIDATION: what the drift reference describes."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ async def data(s3_server: S3Server) -> AsyncIterator[Data]:
         )
     storage.close()
     test_images = sum(e.split is Split.TEST for e in clean)
-    yield Data(bucket, ids[0], ids[1], test_images)
+    held_out = sum(e.split in (Split.TEST, Split.VALIDATION) for e in clean)
+    yield Data(bucket, ids[0], ids[1], test_images, held_out)
     client = Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False)
     doomed = (DeleteObject(o.object_name) for o in client.list_objects(bucket, recursive=True))
     assert not list(client.remove_objects(bucket, doomed))
@@ -411,17 +414,17 @@ async def test_a_real_trained_version_passes_and_becomes_challenger(
     ready = await world.get("/readyz")
     assert ready.json()["checks"] == {"broker": "ok", "database": "ok", "s3": "ok", "mlflow": "ok"}
 
-    # Its drift reference, for data-monitor: one row per TEST image, the 64-d embeddings.
+    # Its drift reference, for data-monitor: one row per held-out (TEST, VALIDATION) image.
     storage = ObjectStorage.from_settings(world.platform)
     try:
         stored = await storage.get(world.data.bucket, reference_key(DEFAULT_PREFIX, name, version))
     finally:
         storage.close()
     reference = decode_reference(stored)
-    assert len(reference.predicted) == world.data.test_images
+    assert len(reference.predicted) == world.data.held_out_images
     assert set(reference.predicted) <= {str(d) for d in range(10)}
     assert reference.embeddings is not None
-    assert reference.embeddings.shape == (world.data.test_images, EMBEDDING_SIZE)
+    assert reference.embeddings.shape == (world.data.held_out_images, EMBEDDING_SIZE)
     assert set(reference.statistics) == set(STATISTICS)
     assert set(reference.statistics["width"]) == {28.0}
 

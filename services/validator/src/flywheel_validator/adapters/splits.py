@@ -1,4 +1,5 @@
-"""``SplitReader`` on S3: a snapshot's frozen TEST split, images fetched from the data bucket."""
+"""``SplitReader`` on S3: a snapshot's frozen held-out splits, images fetched from the data
+bucket."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from flywheel_vision.preprocess import preprocess
 
 
 class S3SplitReader:
-    """Resolves a snapshot and fetches its TEST images; S3 trouble stays retryable.
+    """Resolves a snapshot and fetches its TEST (and, when asked, VALIDATION) images; S3
+    trouble stays retryable.
 
-    Only TEST: an image's split is fixed by its hash, so no model of the project ever trained
-    on these images, whatever snapshot it was trained from.
+    An image's split is fixed by its hash, so no model of the project ever trained on these
+    images, whatever snapshot it was trained from.
     """
 
     def __init__(
@@ -34,13 +36,26 @@ class S3SplitReader:
         self._concurrency = concurrency
 
     async def test_split(
-        self, project_id: str, snapshot_id: str, *, excluded: frozenset[uuid.UUID] = frozenset()
+        self,
+        project_id: str,
+        snapshot_id: str,
+        *,
+        excluded: frozenset[uuid.UUID] = frozenset(),
+        with_validation: bool = False,
     ) -> HeldOutSplit:
         manifest = await self._snapshots.resolve(project_id, snapshot_id)
         # Quarantined labels are suspect: judging a model by them would reward learning them.
-        entries = [
-            e for e in manifest.entries if e.split is Split.TEST and e.label_id not in excluded
-        ]
+        kept = [e for e in manifest.entries if e.label_id not in excluded]
+        test, undecodable = await self._fetch([e for e in kept if e.split is Split.TEST])
+        validation: list[LabeledImage] = []
+        if with_validation:
+            validation, _ = await self._fetch([e for e in kept if e.split is Split.VALIDATION])
+        return HeldOutSplit(
+            snapshot_id=snapshot_id, images=test, undecodable=undecodable, validation=validation
+        )
+
+    async def _fetch(self, entries: list[ManifestEntry]) -> tuple[list[LabeledImage], int]:
+        """The entries' decodable images, and how many were not decodable."""
         gate = asyncio.Semaphore(self._concurrency)
 
         async def fetch(entry: ManifestEntry) -> bytes:
@@ -54,9 +69,7 @@ class S3SplitReader:
             for entry, blob, ok in zip(entries, blobs, decodable, strict=True)
             if ok
         ]
-        return HeldOutSplit(
-            snapshot_id=snapshot_id, images=images, undecodable=len(entries) - len(images)
-        )
+        return images, len(entries) - len(images)
 
 
 def _decodable(blob: bytes) -> bool:
