@@ -21,6 +21,7 @@ scipy and scikit-learn supply the statistics; nothing here is written by hand be
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,9 @@ _MIN_EXPECTED: Final = 5.0
 
 _PSI_EPSILON: Final = 1e-4
 """Share given to an empty bin, so PSI stays finite."""
+
+LABEL_CUT_QUANTILE: Final = 0.99
+"""Share of the reference that scores at most the cut for label requests (``most_drifted``)."""
 
 
 class DriftThresholds(BaseModel):
@@ -148,6 +152,10 @@ class EmbeddingDrift:
     current_rows: npt.NDArray[np.int64]
     """Row numbers (into ``current``) the scores belong to."""
     current_scores: Floats
+    cut: float = math.inf
+    """The score only one reference image in a hundred exceeds out of fold: an image above it
+    looks unlike the training data, one below it may be a training-like image that shares the
+    window with drifted ones."""
 
 
 def embedding_test(
@@ -188,6 +196,7 @@ def embedding_test(
     # AUC = U / (n_ref * n_cur): the one-sided U test asks whether current scores rank higher.
     test = stats.mannwhitneyu(scores[target == 1], scores[target == 0], alternative="greater")
     p_value = float(test.pvalue)
+    cut = float(np.quantile(scores[target == 0], LABEL_CUT_QUANTILE))
     result = DriftTest(
         kind="embedding",
         feature="embedding",
@@ -199,9 +208,9 @@ def embedding_test(
         threshold=thresholds.min_auc,
         reference_samples=len(ref),
         current_samples=len(cur),
-        details={"dimensions": int(features.shape[1]), "folds": 5},
+        details={"dimensions": int(features.shape[1]), "folds": 5, "label_score_cut": cut},
     )
-    return EmbeddingDrift(result, rows.astype(np.int64), scores[target == 1])
+    return EmbeddingDrift(result, rows.astype(np.int64), scores[target == 1], cut)
 
 
 def population_stability_index(reference: Floats, current: Floats, bins: int = 10) -> float:
@@ -394,6 +403,8 @@ class Evaluation:
     report: DriftReport
     scores: Mapping[int, float] = field(default_factory=dict)
     """Window row → drift score (embedding test), for the rows the test used."""
+    cut: float = math.inf
+    """Scores above it are unlike the training data (``EmbeddingDrift.cut``)."""
 
 
 def evaluate(
@@ -410,9 +421,11 @@ def evaluate(
     """Run every test that both sides have data for."""
     tests: list[DriftTest] = []
     scores: dict[int, float] = {}
+    cut = math.inf
     if reference.embeddings is not None and window.embeddings is not None:
         embedding = embedding_test(reference.embeddings, window.embeddings, thresholds)
         tests.append(embedding.test)
+        cut = embedding.cut
         scores = {
             int(row): float(score)
             for row, score in zip(embedding.current_rows, embedding.current_scores, strict=True)
@@ -436,16 +449,20 @@ def evaluate(
         thresholds=thresholds,
         tests=tests,
     )
-    return Evaluation(report=report, scores=scores)
+    return Evaluation(report=report, scores=scores, cut=cut)
 
 
-def most_drifted(window: Features, scores: Mapping[int, float], limit: int) -> list[LabelCandidate]:
-    """The ``limit`` stored images the domain classifier found least like the training data,
-    one per distinct image (the same image sent twice is one label)."""
+def most_drifted(
+    window: Features, scores: Mapping[int, float], limit: int, *, above: float = -math.inf
+) -> list[LabelCandidate]:
+    """At most ``limit`` stored images the domain classifier found least like the training
+    data, scoring ``above`` the cut (``Evaluation.cut``: a window that is only partly drifted
+    has fewer drifted images than the limit, and labels are asked for those alone), one per
+    distinct image (the same image sent twice is one label)."""
     picked: list[LabelCandidate] = []
     seen: set[str] = set()
     for row, score in sorted(scores.items(), key=lambda item: (-item[1], item[0])):
-        if len(picked) >= limit:
+        if len(picked) >= limit or score <= above:
             break
         sha256, key = window.inputs[row]
         if key is None or sha256 in seen:

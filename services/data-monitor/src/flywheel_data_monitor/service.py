@@ -8,6 +8,7 @@ retrain however many consumers and timers look at the project.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from flywheel_data_monitor.drift import (
     choose_action,
     most_drifted,
 )
+from flywheel_data_monitor.drift import Evaluation as DriftEvaluation
 from flywheel_data_monitor.drift import evaluate as evaluate_drift
 from flywheel_data_monitor.errors import ProjectNotFoundError
 from flywheel_data_monitor.plots import plot_test
@@ -550,27 +552,37 @@ class DriftMonitor:
                 line.last_checked_at = now
                 await tx.save_drift_line(line)
             return None
-        window = window_features([s for s in samples if s.model_version == version])
-        evaluation = evaluate_drift(
-            reference,
-            window,
-            self._settings.thresholds,
-            project_id=project_id,
-            model_line=model_line,
-            model_version=version,
-            window_start=start,
-            window_end=now,
-        )
+        served = [s for s in samples if s.model_version == version]
+
+        def judge() -> tuple[DriftEvaluation, dict[str, bytes], list[LabelCandidate]]:
+            # Classifiers, statistics and plots take a while: off the loop, so the service's
+            # consumers and API keep answering meanwhile.
+            window = window_features(served)
+            evaluation = evaluate_drift(
+                reference,
+                window,
+                self._settings.thresholds,
+                project_id=project_id,
+                model_line=model_line,
+                model_version=version,
+                window_start=start,
+                window_end=now,
+            )
+            pngs = {
+                test.feature: plot_test(test, reference, window, evaluation.scores)
+                for test in evaluation.report.tests
+            }
+            candidates = most_drifted(
+                window, evaluation.scores, self._settings.max_label_requests, above=evaluation.cut
+            )
+            return evaluation, pngs, candidates
+
+        evaluation, pngs, candidates = await asyncio.to_thread(judge)
         report = evaluation.report
         plots = {
-            test.feature: await self._artifacts.put_plot(
-                report.report_id,
-                test.feature,
-                plot_test(test, reference, window, evaluation.scores),
-            )
-            for test in report.tests
+            feature: await self._artifacts.put_plot(report.report_id, feature, png)
+            for feature, png in pngs.items()
         }
-        candidates = most_drifted(window, evaluation.scores, self._settings.max_label_requests)
         async with self._store.drift_transaction() as tx:
             line = await tx.lock_drift_line(model_line, project_id)
             stored = await self._act(tx, line, evaluation.report, candidates, now)

@@ -8,6 +8,7 @@ from flywheel_contracts.events import DriftAction
 from flywheel_data_monitor.drift import (
     DriftThresholds,
     Features,
+    LabelCandidate,
     choose_action,
     classes_test,
     embedding_test,
@@ -198,6 +199,27 @@ def test_a_drifted_window_names_its_tests_and_ranks_the_drifted_images_first() -
     assert len(top) == 20
     assert all(int(c.input_sha256, 16) >= 200 for c in top), "the shifted half comes first"
     assert [c.score for c in top] == sorted((c.score for c in top), reverse=True)
+
+
+def test_a_partly_drifted_window_asks_labels_for_its_drifted_images_alone() -> None:
+    # A check that straddles the start of a drift: 60 drifted images among 340 as trained.
+    rng = np.random.default_rng(9)
+    window = _features(rng, 400, inverted=60)
+    evaluation = _evaluate(_features(rng, 800), window)
+    assert evaluation.report.drifted
+
+    top = most_drifted(window, evaluation.scores, limit=100, above=evaluation.cut)
+    everything = most_drifted(window, evaluation.scores, limit=100)
+
+    def training_like(candidates: list[LabelCandidate]) -> int:
+        return sum(int(c.input_sha256, 16) < 340 for c in candidates)
+
+    assert len(top) - training_like(top) >= 40, [c.score for c in top]
+    assert training_like(top) <= 3, "training-like images stay out of the request"
+    assert all(c.score > evaluation.cut for c in top)
+    assert training_like(everything) >= 40  # without the cut they fill the limit
+    [embedding] = [t for t in evaluation.report.tests if t.feature == "embedding"]
+    assert embedding.details["label_score_cut"] == evaluation.cut
 
 
 def test_most_drifted_skips_images_that_were_not_stored_and_repeats() -> None:
