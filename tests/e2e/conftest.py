@@ -85,6 +85,18 @@ POLICY = CanaryPolicy(
 """Canary policy of the e2e tests: one-second intervals, a few requests per check, and the
 first failed check rolls back."""
 
+PROMOTING_POLICY = POLICY.model_copy(
+    update={
+        "threshold": 2,
+        "margins": Margins(
+            latency_p95=1.0, latency_p99=2.0, latency_slack_ms=100.0, min_agreement=0.0
+        ),
+    }
+)
+"""For a candidate that should be promoted over the untrained bootstrap champion: it disagrees
+with it on most inputs, and latency noise on a busy machine may fail one check (a second one
+would roll back)."""
+
 SMALL_DATA_GATES = Gates(
     min_accuracy=0.3,
     min_macro_f1=0.2,
@@ -123,6 +135,21 @@ class Loop:
 
     def with_mlflow(self, tracking_uri: str) -> None:
         self.platform = self.platform.model_copy(update={"mlflow_uri": tracking_uri})
+
+    async def bootstrap(
+        self, tracking_uri: str, triton: TritonServer, *events: type[Event[Any]]
+    ) -> tuple[str, EventProbe]:
+        """Where a loop test starts: an untrained champion registered in ``tracking_uri``'s
+        MLflow and served by ``triton`` (unloaded at the end), and a probe on ``events``."""
+        self.with_mlflow(tracking_uri)
+        self.stack.push_async_callback(self.unserve, triton)
+        champion = self.register(seed=1)
+        self.mlflow().set_registered_model_alias(self.model_line, "champion", champion)
+        await self.serve(triton, champion)
+        probe = await self.stack.enter_async_context(
+            EventProbe(self.rabbit_url, self.topology, *events)
+        )
+        return champion, probe
 
     async def start(self, app: FastAPI) -> httpx.AsyncClient:
         """Run ``app``'s lifespan until the test ends; a client that calls it in-process."""

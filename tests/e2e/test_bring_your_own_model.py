@@ -25,15 +25,21 @@ from flywheel_contracts import (
     ValidationVerdict,
 )
 from flywheel_data_monitor.main import create_app as create_data_monitor
-from flywheel_rollout.policy import Margins
 from flywheel_serving.triton import TritonServer
-from flywheel_testing.events import EventProbe
 from flywheel_trainer_dispatch.main import create_app as create_trainer_dispatch
 from flywheel_trainer_dispatch.settings import LineTraining
 from flywheel_validator.main import create_app as create_validator
 from flywheel_vision.contract import read_signature
 
-from .conftest import POLICY, LabelingTool, Loop, create_project, post_mnist, steps_of, verdicts
+from .conftest import (
+    PROMOTING_POLICY,
+    LabelingTool,
+    Loop,
+    create_project,
+    post_mnist,
+    steps_of,
+    verdicts,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -46,38 +52,20 @@ EXAMPLE = (
 LABELS = 400
 """As in the reference loop test: a test split of ~40 images, a few hundred to train on."""
 
-# The champion is untrained: a good candidate disagrees with it on most inputs, and latency
-# noise on a busy machine may fail one check.
-POLICY_BYO = POLICY.model_copy(
-    update={
-        "threshold": 2,
-        "margins": Margins(
-            latency_p95=1.0, latency_p99=2.0, latency_slack_ms=100.0, min_agreement=0.0
-        ),
-    }
-)
-
 
 async def test_a_line_with_its_own_training_script_and_preprocessing_goes_through_the_loop(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    loop.with_mlflow(mlflow_tracking_uri)
-    loop.stack.push_async_callback(loop.unserve, triton_server)
-    champion = loop.register(seed=1)
-    loop.mlflow().set_registered_model_alias(loop.model_line, "champion", champion)
-    await loop.serve(triton_server, champion)
-    probe = await loop.stack.enter_async_context(
-        EventProbe(
-            loop.rabbit_url,
-            loop.topology,
-            ThresholdReachedV1,
-            ModelTrainedV1,
-            ModelValidatedV1,
-            RolloutStepV1,
-            CanaryVerdictV1,
-        )
+    champion, probe = await loop.bootstrap(
+        mlflow_tracking_uri,
+        triton_server,
+        ThresholdReachedV1,
+        ModelTrainedV1,
+        ModelValidatedV1,
+        RolloutStepV1,
+        CanaryVerdictV1,
     )
-    rollout = await loop.start_rollout(triton_server, POLICY_BYO)
+    rollout = await loop.start_rollout(triton_server, PROMOTING_POLICY)
     bff = await loop.start_bff(triton_server)
     await loop.start(create_validator(loop.validator_settings()))
     line = LineTraining(

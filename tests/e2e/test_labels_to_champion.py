@@ -14,49 +14,37 @@ from flywheel_contracts import (
     ThresholdReachedV1,
     ValidationVerdict,
 )
-from flywheel_rollout.policy import Margins
 from flywheel_serving.triton import TritonServer
-from flywheel_testing.events import EventProbe
 
-from .conftest import POLICY, LabelingTool, Loop, create_project, post_mnist, steps_of, verdicts
+from .conftest import (
+    PROMOTING_POLICY,
+    LabelingTool,
+    Loop,
+    create_project,
+    post_mnist,
+    steps_of,
+    verdicts,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 LABELS = 400
 """Enough for a test split of ~40 images and a model that beats an untrained one."""
 
-# The bootstrap champion is untrained: a good candidate disagrees with it on most inputs.
-# Latency noise on a busy machine may fail one check; a second one would roll back.
-HAPPY_POLICY = POLICY.model_copy(
-    update={
-        "threshold": 2,
-        "margins": Margins(
-            latency_p95=1.0, latency_p99=2.0, latency_slack_ms=100.0, min_agreement=0.0
-        ),
-    }
-)
-
 
 async def test_labels_become_a_champion_through_a_canary_at_10_50_and_100_percent(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    loop.with_mlflow(mlflow_tracking_uri)
-    loop.stack.push_async_callback(loop.unserve, triton_server)
-    champion = loop.register(seed=1)
-    loop.mlflow().set_registered_model_alias(loop.model_line, "champion", champion)
-    await loop.serve(triton_server, champion)
-    probe = await loop.stack.enter_async_context(
-        EventProbe(
-            loop.rabbit_url,
-            loop.topology,
-            ThresholdReachedV1,
-            ModelTrainedV1,
-            ModelValidatedV1,
-            RolloutStepV1,
-            CanaryVerdictV1,
-        )
+    champion, probe = await loop.bootstrap(
+        mlflow_tracking_uri,
+        triton_server,
+        ThresholdReachedV1,
+        ModelTrainedV1,
+        ModelValidatedV1,
+        RolloutStepV1,
+        CanaryVerdictV1,
     )
-    rollout = await loop.start_rollout(triton_server, HAPPY_POLICY)
+    rollout = await loop.start_rollout(triton_server, PROMOTING_POLICY)
     bff = await loop.start_bff(triton_server)
     await loop.start_training(tmp_path / "runs")
     labeling = await loop.start_labeling()

@@ -19,7 +19,6 @@ from flywheel_contracts import (
 )
 from flywheel_rollout.policy import Margins
 from flywheel_serving.triton import TritonServer
-from flywheel_testing.events import EventProbe
 from flywheel_testing.wait import wait_for
 
 from .conftest import POLICY, LabelingTool, Loop, create_project, post_mnist, steps_of
@@ -41,21 +40,14 @@ HOLDING_POLICY = POLICY.model_copy(
 async def test_an_operator_rolls_back_a_canary_and_freezes_its_line(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    loop.with_mlflow(mlflow_tracking_uri)
-    loop.stack.push_async_callback(loop.unserve, triton_server)
-    champion = loop.register(seed=1)
-    loop.mlflow().set_registered_model_alias(loop.model_line, "champion", champion)
-    await loop.serve(triton_server, champion)
-    probe = await loop.stack.enter_async_context(
-        EventProbe(
-            loop.rabbit_url,
-            loop.topology,
-            ThresholdReachedV1,
-            ModelTrainedV1,
-            ModelValidatedV1,
-            RolloutStepV1,
-            CanaryVerdictV1,
-        )
+    champion, probe = await loop.bootstrap(
+        mlflow_tracking_uri,
+        triton_server,
+        ThresholdReachedV1,
+        ModelTrainedV1,
+        ModelValidatedV1,
+        RolloutStepV1,
+        CanaryVerdictV1,
     )
     rollout = await loop.start_rollout(triton_server, HOLDING_POLICY)
     bff = await loop.start_bff(triton_server)
