@@ -36,7 +36,7 @@ def plot_test(
         axes.hist(ref, bins=bins, density=True, alpha=0.5, label="training reference")
         axes.hist(cur, bins=bins, density=True, alpha=0.5, label="production window")
         axes.set_xlabel(test.feature)
-        axes.legend()
+        axes.legend(loc="upper right")
     elif test.kind == "classes":
         ref_counts, cur_counts = Counter(reference.predicted), Counter(window.predicted)
         names = sorted(set(ref_counts) | set(cur_counts))
@@ -51,7 +51,7 @@ def plot_test(
         axes.set_xticks(positions, names)
         axes.set_xlabel("predicted class")
         axes.set_ylabel("share")
-        axes.legend()
+        axes.legend(loc="upper right")
     else:
         axes.hist(list(scores.values()), bins=20, range=(0, 1))
         axes.set_xlabel("domain classifier score (1: unlike the training data)")
