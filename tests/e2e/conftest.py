@@ -488,8 +488,9 @@ class Answer:
 
 class LabelingTool:
     """Plays a labeling tool: asks the BFF for pre-fills of MNIST test digits without pause
-    (``concurrency`` at a time) and posts every ``label_every``-th digit's human label to
-    labeling with the prediction it was shown, so corrections reach rollout.
+    (``concurrency`` at a time; each at most once per ``period_s`` when set) and posts every
+    ``label_every``-th digit's human label to labeling with the prediction it was shown, so
+    corrections reach rollout.
 
     The digits come from a small pool that repeats, so both versions of a canary answer the
     same inputs (their agreement is measured); the pool is the start of the MNIST test set,
@@ -505,6 +506,7 @@ class LabelingTool:
         pool: int = 40,
         concurrency: int = 4,
         label_every: int = 5,
+        period_s: float = 0.0,
     ) -> None:
         self._loop = loop
         self._bff = bff
@@ -514,6 +516,7 @@ class LabelingTool:
         self._classes = [str(c) for c in classes]
         self._concurrency = concurrency
         self._label_every = label_every
+        self._period_s = period_s
         self._predict = loop.bearer("labeling-tool", "predict")
         self._label = loop.bearer("labeler-tool", "labeler")
         self._tasks: list[asyncio.Task[None]] = []
@@ -558,9 +561,13 @@ class LabelingTool:
 
     async def _work(self) -> None:
         while True:
+            started = time.monotonic()
             index = self._count % len(self._images)
             self._count += 1
             await self._once(index, label=self._count % self._label_every == 0)
+            # Pacing, not waiting for a condition: traffic at the rate the test asked for.
+            if (rest := self._period_s - (time.monotonic() - started)) > 0:
+                await asyncio.sleep(rest)
 
     async def _once(self, index: int, *, label: bool) -> None:
         image = self._images[index]

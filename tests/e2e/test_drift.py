@@ -5,7 +5,7 @@ digits better than the old one."""
 
 import asyncio
 import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -29,11 +29,9 @@ from flywheel_contracts.events import DriftAction, ThresholdReason
 from flywheel_data_monitor.drift import DriftThresholds
 from flywheel_data_monitor.main import create_app as create_data_monitor
 from flywheel_data_monitor.settings import DriftSettings
-from flywheel_rollout.policy import Margins
 from flywheel_runtime.drift_reference import DEFAULT_PREFIX, reference_key
 from flywheel_runtime.storage import ObjectStorage
 from flywheel_serving.triton import TritonServer
-from flywheel_testing.events import EventProbe
 from flywheel_testing.wait import wait_for
 from flywheel_trainer_dispatch.main import create_app as create_trainer_dispatch
 from flywheel_validator.main import create_app as create_validator
@@ -43,8 +41,8 @@ from flywheel_vision.preprocess import INPUT_NAME, OUTPUT_NAME, preprocess
 
 from .conftest import (
     FROZEN_TEST_END,
-    POLICY,
     PROJECT,
+    PROMOTING_POLICY,
     LabelingTool,
     Loop,
     create_project,
@@ -52,50 +50,51 @@ from .conftest import (
     verdicts,
 )
 
-# Left out of `make test` (CI) until the retrain reliably passes validation on this tiny data:
-# it passed 2 of 4 runs here (a failed macro-F1 gate by 0.012; once the count threshold fired
-# first). `make test-hardening` runs it.
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.hardening,
-    pytest.mark.timeout(600),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 LABELS = 400
 WINDOW = 120
 """Inferences per drift check (the check runs on volume, on exactly the newest window)."""
 BURST = WINDOW
-LOGGED_WITHIN = timedelta(seconds=1)
-"""Time for an answered request's log to reach data-monitor, on a busy machine."""
-INVERTED_LABELS = 300
+INVERTED_LABELS = 600
 """Inverted training digits the labelers add to the requested ones."""
+NO_COUNT_TRIGGER = 100_000
+"""The project's count trigger once its champion is trained: out of the drift trigger's way."""
+TOOL_PERIOD_S = 0.1
+"""The labeling tool's four workers at ten pre-labels a second each: flat out (130 a second
+here) every service of this one process falls behind on the inference logs, drift features
+included, and rollout counts the candidate's answers long after they were given."""
+CANARY = PROMOTING_POLICY.model_copy(update={"interval_s": 3.0})
+"""Checks three seconds long: at 10 % of the tool's traffic, enough candidate answers each."""
 
 DRIFT = DriftSettings(
-    # The reference is the champion's TEST split: a tenth of the labels here, about 40 images.
-    # Against so few, a domain classifier's AUC on digits like the training ones came out at
-    # 0.63-0.73 (p down to 1e-4) in five runs; inverted digits give 0.95 and more. The
-    # configured effect threshold says so (the default 0.7 expects a reference of 200).
+    # The reference is the champion's held-out images (TEST and VALIDATION): a fifth of the
+    # labels here, about 80. Against a reference of 40, a domain classifier's AUC on digits
+    # like the training ones came out at 0.63-0.73 (p down to 1e-4) in five runs; inverted
+    # digits give 0.95 and more. The configured effect threshold says so (the default 0.7
+    # expects a reference of 200).
     thresholds=DriftThresholds(min_samples=100, min_reference_samples=30, min_auc=0.85),
     window_samples=WINDOW,
     check_every_samples=WINDOW,
-    check_interval_s=2,
+    check_interval_s=4,
     min_fresh_labels=100,
     max_label_requests=40,
     cooldown_s=0,
-)
-HAPPY_POLICY = POLICY.model_copy(
-    update={
-        "threshold": 2,
-        "margins": Margins(
-            latency_p95=1.0, latency_p99=2.0, latency_slack_ms=100.0, min_agreement=0.0
-        ),
-    }
 )
 
 
 def inverted(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return (255 - pixels).astype(np.uint8)
+
+
+def digits(
+    pixels: npt.NDArray[np.uint8], classes: npt.NDArray[np.int64]
+) -> dict[str, tuple[bytes, str]]:
+    """PNGs of the digits by content hash (as labeling and the BFF key them), with classes."""
+    pngs = [to_png(p) for p in pixels]
+    return {
+        hashlib.sha256(png).hexdigest(): (png, str(c)) for png, c in zip(pngs, classes, strict=True)
+    }
 
 
 async def predict_all(loop: Loop, bff: httpx.AsyncClient, images: list[bytes]) -> None:
@@ -123,10 +122,9 @@ async def reports(monitor: httpx.AsyncClient) -> list[dict[str, object]]:
     return found
 
 
-async def report_after(monitor: httpx.AsyncClient, sent: datetime) -> dict[str, object]:
-    """The first report of a check made once everything sent before ``sent`` was logged: its
-    window is the newest inferences, so a burst of at least a window is all it sees."""
-    since = sent + LOGGED_WITHIN
+async def report_after(monitor: httpx.AsyncClient, since: datetime) -> dict[str, object]:
+    """The first report of a check made after ``since``, the start of a burst: its new
+    samples make a check due (by volume or on the schedule), so one comes."""
 
     async def checked() -> dict[str, object] | None:
         later = [
@@ -147,6 +145,26 @@ async def report_after(monitor: httpx.AsyncClient, sent: datetime) -> dict[str, 
         f"samples {report['report']['samples']} drifted={report['drifted']} tests={summary}"  # type: ignore[index]
     )
     return report
+
+
+async def retrain_on_drift_only(
+    labeling: httpx.AsyncClient, monitor: httpx.AsyncClient, loop: Loop
+) -> None:
+    """Raise the project's count trigger above what the test labels, and wait until
+    data-monitor applies it."""
+    updated = await labeling.put(
+        f"/v1/projects/{PROJECT}",
+        headers=loop.bearer("ada", "admin"),
+        json={"policy": {"count": NO_COUNT_TRIGGER}},
+    )
+    assert updated.status_code == 200, updated.text
+
+    async def applied() -> bool:
+        state = await monitor.get(f"/v1/projects/{PROJECT}/state")
+        assert state.status_code == 200, state.text
+        return bool(state.json()["policy"]["count"] == NO_COUNT_TRIGGER)
+
+    await wait_for(applied, timeout=30, message="data-monitor applied the new policy")
 
 
 async def accuracy_on_inverted(loop: Loop, version: str, images: int = 300) -> float:
@@ -173,24 +191,17 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
     storage: ObjectStorage,
     tmp_path: Path,
 ) -> None:
-    loop.with_mlflow(mlflow_tracking_uri)
-    loop.stack.push_async_callback(loop.unserve, triton_server)
-    bootstrap = loop.register(seed=1)
-    loop.mlflow().set_registered_model_alias(loop.model_line, "champion", bootstrap)
-    await loop.serve(triton_server, bootstrap)
-    probe = await loop.stack.enter_async_context(
-        EventProbe(
-            loop.rabbit_url,
-            loop.topology,
-            ThresholdReachedV1,
-            ModelTrainedV1,
-            ModelValidatedV1,
-            DriftDetectedV1,
-            LabelsRequestedV1,
-            CanaryVerdictV1,
-        )
+    bootstrap, probe = await loop.bootstrap(
+        mlflow_tracking_uri,
+        triton_server,
+        ThresholdReachedV1,
+        ModelTrainedV1,
+        ModelValidatedV1,
+        DriftDetectedV1,
+        LabelsRequestedV1,
+        CanaryVerdictV1,
     )
-    rollout = await loop.start_rollout(triton_server, HAPPY_POLICY)
+    rollout = await loop.start_rollout(triton_server, CANARY)
     bff = await loop.start_bff(triton_server)
     await loop.start(create_validator(loop.validator_settings()))
     # The retrain fine-tunes the champion it replaces (the bootstrap one, an ONNX file without
@@ -205,7 +216,7 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
     await create_project(labeling, loop, count=LABELS)
 
     # 1. A champion trained on MNIST, through the loop: its validation writes its reference.
-    async with LabelingTool(loop, bff.client, concurrency=2) as tool:
+    async with LabelingTool(loop, bff.client, period_s=TOOL_PERIOD_S) as tool:
         await tool.served(bootstrap, n=5)
         await post_mnist(labeling, loop, LABELS)
         [trained] = await probe.wait(ModelTrainedV1, timeout=180)
@@ -214,15 +225,23 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
     assert verdict.payload.verdict is CanaryOutcome.PROMOTED, verdict.payload.reasons
     reference = reference_key(DEFAULT_PREFIX, loop.model_line, champion)
     assert await storage.exists(loop.bucket, reference)
+    # From here on drift is what retrains: the count trigger is raised out of its way, as an
+    # operator would for a line that retrains on drift.
+    await retrain_on_drift_only(labeling, monitor, loop)
 
     # 2. Digits as the champion was trained on: several windows, no alarm. Checks run on
-    # volume and every few seconds; the one after a burst sees that burst alone.
+    # volume and every few seconds, so every burst makes at least one.
     test_pixels, test_classes = load_mnist("test", limit=3000)
     start = 1000  # past the labeling tool's pool, before the frozen slice
+    sent: dict[str, tuple[bytes, str]] = {}
+    """Every image served from here on, by content hash: what a labeler sees, and its class."""
     for burst in range(4):
-        chunk = test_pixels[start + burst * WINDOW : start + (burst + 1) * WINDOW]
-        await predict_all(loop, bff.client, [to_png(p) for p in chunk])
-        newest = await report_after(monitor, datetime.now(UTC))
+        chunk = slice(start + burst * WINDOW, start + (burst + 1) * WINDOW)
+        images = digits(test_pixels[chunk], test_classes[chunk])
+        sent |= images
+        started = datetime.now(UTC)
+        await predict_all(loop, bff.client, [png for png, _ in images.values()])
+        newest = await report_after(monitor, started)
         judged_features = {t["feature"] for t in newest["report"]["tests"] if t["judged"]}  # type: ignore[index]
         # Right after the promotion the old version's config (no embedding output) may be
         # served for a moment: go on until a window has embeddings.
@@ -237,12 +256,10 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
 
     # 3. Inverted digits for a burst: drift, and labels asked for the drifted images.
     first = 2000
-    shown = {
-        hashlib.sha256(png := to_png(inverted(p))).hexdigest(): (png, str(c))
-        for p, c in zip(
-            test_pixels[first : first + BURST], test_classes[first : first + BURST], strict=True
-        )
-    }
+    shown = digits(
+        inverted(test_pixels[first : first + BURST]), test_classes[first : first + BURST]
+    )
+    sent |= shown
     await predict_all(loop, bff.client, [png for png, _ in shown.values()])
 
     # The burst's first check straddles the normal digits before it; its second sees only
@@ -273,13 +290,16 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
 
     entries = await wait_for(queued, timeout=30, message="the needs-label queue filled")
     assert entries is not None
-    assert {entry["input_sha256"] for entry in entries} <= set(shown)
+    # An earlier check that straddled the burst's start may have asked for a digit of the
+    # window before it too: with few drifted images to learn from, its classifier scores some
+    # digits as trained above the cut.
+    assert {entry["input_sha256"] for entry in entries} <= set(sent)
     assert {item.input_sha256 for item in requested.payload.items} <= {
         entry["input_sha256"] for entry in entries
     }
 
-    # 4. The labelers work through the queue (fetching each image from it; a later check of
-    # the same burst may add to it meanwhile) and label more inverted digits.
+    # 4. The labelers work through the queue (fetching each image from it; a later check may
+    # add to it meanwhile) and label more inverted digits.
     labeled = 0
     while entries:
         for entry in entries:
@@ -288,12 +308,12 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
                 f"/v1/projects/{PROJECT}/label-requests/{sha}/image", headers=labeler
             )
             assert image.status_code == 200, image.text
-            assert image.content == shown[sha][0]
+            assert image.content == sent[sha][0]
             saved = await labeling.post(
                 f"/v1/projects/{PROJECT}/labels",
                 headers=labeler,
                 files={"image": ("queued.png", image.content, "image/png")},
-                data={"class_name": shown[sha][1]},
+                data={"class_name": sent[sha][1]},
             )
             assert saved.status_code in (200, 201), saved.text
             labeled += 1
@@ -306,14 +326,20 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
     assert len(closed.json()["items"]) == labeled
     assert all(item["labeled_label_id"] for item in closed.json()["items"])
     train_pixels, train_classes = load_mnist("train", limit=LABELS + INVERTED_LABELS)
-    for pixels, label in zip(train_pixels[LABELS:], train_classes[LABELS:], strict=True):
-        saved = await labeling.post(
-            f"/v1/projects/{PROJECT}/labels",
-            headers=labeler,
-            files={"image": ("inverted.png", to_png(inverted(pixels)), "image/png")},
-            data={"class_name": str(label)},
-        )
+    more = digits(inverted(train_pixels[LABELS:]), train_classes[LABELS:])
+    gate = asyncio.Semaphore(8)
+
+    async def label(png: bytes, class_name: str) -> None:
+        async with gate:
+            saved = await labeling.post(
+                f"/v1/projects/{PROJECT}/labels",
+                headers=labeler,
+                files={"image": ("inverted.png", png, "image/png")},
+                data={"class_name": class_name},
+            )
         assert saved.status_code == 201, saved.text
+
+    await asyncio.gather(*(label(png, class_name) for png, class_name in more.values()))
 
     # 5. The next drifted window has labels to learn from: a drift retrain, and a new champion.
     second = first + BURST
@@ -334,7 +360,7 @@ async def test_drift_is_detected_labels_are_requested_and_the_retrain_reads_the_
         if e.payload.reason is ThresholdReason.DRIFT
     )
     assert fired.causation_id == retrain.event_id
-    async with LabelingTool(loop, bff.client, concurrency=2):
+    async with LabelingTool(loop, bff.client, period_s=TOOL_PERIOD_S):
         [_, trained_again] = await probe.wait(ModelTrainedV1, n=2, timeout=180)
         [_, validated] = await probe.wait(ModelValidatedV1, n=2, timeout=120)
         assert validated.payload.verdict is ValidationVerdict.PASSED, validated.payload.reasons
