@@ -34,7 +34,14 @@ from mlflow.exceptions import MlflowException
 from pydantic import SecretStr
 
 from flywheel_clients.registry import LABELS_FILE, ONNX_FILE, ModelRegistry
-from flywheel_contracts import CanaryVerdictV1, Event, ModelValidatedV1
+from flywheel_contracts import (
+    CanaryVerdictV1,
+    Event,
+    ModelTrainedV1,
+    ModelValidatedV1,
+    RolloutStepV1,
+    ThresholdReachedV1,
+)
 from flywheel_data_monitor.main import create_app as create_data_monitor
 from flywheel_data_monitor.settings import DataMonitorSettings
 from flywheel_inference_bff.main import create_app as create_bff
@@ -84,6 +91,15 @@ POLICY = CanaryPolicy(
 )
 """Canary policy of the e2e tests: one-second intervals, a few requests per check, and the
 first failed check rolls back."""
+
+LOOP_EVENTS: tuple[type[Event[Any]], ...] = (
+    ThresholdReachedV1,
+    ModelTrainedV1,
+    ModelValidatedV1,
+    RolloutStepV1,
+    CanaryVerdictV1,
+)
+"""What a loop test follows, from the retrain to the canary's verdict (``Loop.bootstrap``)."""
 
 PROMOTING_POLICY = POLICY.model_copy(
     update={

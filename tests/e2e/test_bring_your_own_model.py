@@ -17,7 +17,6 @@ import pytest
 
 from flywheel_contracts import (
     CanaryOutcome,
-    CanaryVerdictV1,
     ModelTrainedV1,
     ModelValidatedV1,
     RolloutStepV1,
@@ -32,6 +31,7 @@ from flywheel_validator.main import create_app as create_validator
 from flywheel_vision.contract import read_signature
 
 from .conftest import (
+    LOOP_EVENTS,
     PROMOTING_POLICY,
     LabelingTool,
     Loop,
@@ -56,15 +56,7 @@ LABELS = 400
 async def test_a_line_with_its_own_training_script_and_preprocessing_goes_through_the_loop(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    champion, probe = await loop.bootstrap(
-        mlflow_tracking_uri,
-        triton_server,
-        ThresholdReachedV1,
-        ModelTrainedV1,
-        ModelValidatedV1,
-        RolloutStepV1,
-        CanaryVerdictV1,
-    )
+    champion, probe = await loop.bootstrap(mlflow_tracking_uri, triton_server, *LOOP_EVENTS)
     rollout = await loop.start_rollout(triton_server, PROMOTING_POLICY)
     bff = await loop.start_bff(triton_server)
     await loop.start(create_validator(loop.validator_settings()))

@@ -7,7 +7,6 @@ import pytest
 
 from flywheel_contracts import (
     CanaryOutcome,
-    CanaryVerdictV1,
     ModelTrainedV1,
     ModelValidatedV1,
     RolloutStepV1,
@@ -17,6 +16,7 @@ from flywheel_contracts import (
 from flywheel_serving.triton import TritonServer
 
 from .conftest import (
+    LOOP_EVENTS,
     PROMOTING_POLICY,
     LabelingTool,
     Loop,
@@ -35,15 +35,7 @@ LABELS = 400
 async def test_labels_become_a_champion_through_a_canary_at_10_50_and_100_percent(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    champion, probe = await loop.bootstrap(
-        mlflow_tracking_uri,
-        triton_server,
-        ThresholdReachedV1,
-        ModelTrainedV1,
-        ModelValidatedV1,
-        RolloutStepV1,
-        CanaryVerdictV1,
-    )
+    champion, probe = await loop.bootstrap(mlflow_tracking_uri, triton_server, *LOOP_EVENTS)
     rollout = await loop.start_rollout(triton_server, PROMOTING_POLICY)
     bff = await loop.start_bff(triton_server)
     await loop.start_training(tmp_path / "runs")

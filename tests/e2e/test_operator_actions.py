@@ -21,7 +21,7 @@ from flywheel_rollout.policy import Margins
 from flywheel_serving.triton import TritonServer
 from flywheel_testing.wait import wait_for
 
-from .conftest import POLICY, LabelingTool, Loop, create_project, post_mnist, steps_of
+from .conftest import LOOP_EVENTS, POLICY, LabelingTool, Loop, create_project, post_mnist, steps_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -40,15 +40,7 @@ HOLDING_POLICY = POLICY.model_copy(
 async def test_an_operator_rolls_back_a_canary_and_freezes_its_line(
     loop: Loop, mlflow_tracking_uri: str, triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    champion, probe = await loop.bootstrap(
-        mlflow_tracking_uri,
-        triton_server,
-        ThresholdReachedV1,
-        ModelTrainedV1,
-        ModelValidatedV1,
-        RolloutStepV1,
-        CanaryVerdictV1,
-    )
+    champion, probe = await loop.bootstrap(mlflow_tracking_uri, triton_server, *LOOP_EVENTS)
     rollout = await loop.start_rollout(triton_server, HOLDING_POLICY)
     bff = await loop.start_bff(triton_server)
     await loop.start_training(tmp_path / "runs")
