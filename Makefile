@@ -30,7 +30,7 @@ test-hardening: install
 	./scripts/ensure-servers
 	FLYWHEEL_LOAD_LABELS=$${FLYWHEEL_LOAD_LABELS:-10000} FLYWHEEL_FAULT_LABELS=$${FLYWHEEL_FAULT_LABELS:-10000} \
 		$(BIN)/pytest -s tests/faults tests/load tests/security tests/e2e/test_faulty_candidates.py \
-		$(PYTEST_ARGS)
+		tests/e2e/test_drift.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
